@@ -254,8 +254,9 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
-    _check(not unknown,
-           f"unknown key {prefix}{unknown[0]}: allowed keys are {', '.join(prefix + n for n in names)}")
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}: allowed keys are "
+                          f"{', '.join(prefix + n for n in names)}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     try:
         return cls(**kwargs)

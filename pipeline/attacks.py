@@ -1,0 +1,164 @@
+"""COLT's convex regions and the attacks inside them.
+
+* :func:`prefix_relaxation` computes the DeepZ region C_l(x) of the prefix up to block ``l``: the
+  bounds and ReLU relaxations (λ, μ) at every ReLU, from exact zonotope bounds or from COLT's
+  Cauchy random-projection estimate.
+* :func:`latent_point` evaluates the point of that region for noise coefficients e ∈ [-1, 1]: the
+  prefix with every ReLU replaced by its band ``λx + μ + μ e``. This is exactly
+  ``centre + Σ generators · e`` of the zonotope, computed in one forward pass instead of one pass
+  per noise group.
+* :func:`latent_pgd` is PGD on those coefficients, projected by clipping to the box (reference
+  §1.4); layer -1 is the input box, so it is also input PGD.
+* :func:`pgd_attack` is input PGD with restarts that keeps any misclassifying point (certification).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.domains.zonotope import ProjectedZonotope, Zonotope, input_box
+from pipeline.nets import Net, Propagation
+
+
+@dataclass
+class Region:
+    """The convex region of a prefix: input box plus (λ, μ) of every ReLU up to ``layer``."""
+
+    lower: Tensor
+    upper: Tensor
+    layer: int
+    propagation: Propagation
+
+    @property
+    def relaxations(self) -> dict[int, tuple[Tensor, Tensor]]:
+        return self.propagation.relaxations
+
+
+def prefix_relaxation(net: Net, x: Tensor, eps: float, layer: int, bounds: str = "cauchy",
+                      n_rand_proj: int = 50, generator: torch.Generator | None = None) -> Region:
+    """DeepZ region after block ``layer`` for the L∞ ball of ``eps`` around ``x`` (clipped to [0,1]).
+
+    ``bounds="cauchy"`` estimates each ReLU's bounds with ``n_rand_proj`` Cauchy projections per
+    noise group (COLT's training default, random and unsound); ``"exact"`` concretises the zonotope.
+    Gradients flow if enabled by the caller (the ReLU-stability loss needs them).
+    """
+    lower, upper = input_box(x, eps)
+    if layer < 0:
+        return Region(lower, upper, layer, Propagation(None))
+    if bounds == "exact":
+        element = Zonotope.from_bounds(lower, upper)
+        prop = net.propagate(element, -1, layer)
+    else:
+        element = ProjectedZonotope.from_bounds(lower, upper, n_rand_proj, generator)
+        prop = net.propagate(element, -1, layer, generator=generator)
+    return Region(lower, upper, layer, prop)
+
+
+def extend_relaxation(net: Net, region: Region, layer: int,
+                      generator: torch.Generator | None = None) -> Region:
+    """Continue a region's propagation from its layer to a later ``layer`` (e.g. with gradients)."""
+    if region.layer < 0:
+        raise ValueError("extend_relaxation needs a region with a propagated element")
+    kwargs = {"generator": generator} if isinstance(region.propagation.element,
+                                                    ProjectedZonotope) else {}
+    prop = net.propagate(region.propagation.element, region.layer, layer, **kwargs)
+    merged = Propagation(prop.element, {**region.propagation.pre_bounds, **prop.pre_bounds},
+                         {**region.propagation.relaxations, **prop.relaxations})
+    return Region(region.lower, region.upper, layer, merged)
+
+
+def coefficient_shapes(net: Net, region: Region, layer: int) -> list[torch.Size]:
+    """Shapes of the noise-coefficient tensors of the region up to ``layer``: input, then ReLUs."""
+    shapes = [region.lower.shape]
+    shapes += [region.relaxations[i][1].shape for i in net.relu_indices if i <= layer]
+    return shapes
+
+
+def latent_point(net: Net, region: Region, layer: int, coefficients: list[Tensor]) -> Tensor:
+    """The point of the region after block ``layer`` for coefficients in [-1, 1]."""
+    center, radius = (region.upper + region.lower) / 2, (region.upper - region.lower) / 2
+    z = center + radius * coefficients[0]
+    group = 1
+    for i in range(layer + 1):
+        block = net.blocks[i]
+        if block.is_relu:
+            lam, mu = region.relaxations[i]
+            z = lam * z + mu * (1 + coefficients[group])
+            group += 1
+        else:
+            z = block(z)
+    return z
+
+
+def latent_pgd(net: Net, region: Region, layer: int, y: Tensor, steps: int, step_size: float,
+               generator: torch.Generator | None = None) -> Tensor:
+    """COLT's latent attack: ``steps - 1`` signed-gradient steps on the coefficients, clipped to
+    [-1, 1], from a uniform random start; returns the final iterate's latent point (detached)."""
+    shapes = coefficient_shapes(net, region, layer)
+    region = _detached(region)
+    coeffs = [2 * torch.rand(s, device=y.device, dtype=region.lower.dtype, generator=generator) - 1
+              for s in shapes]
+    with torch.enable_grad():
+        for _ in range(steps - 1):
+            for c in coeffs:
+                c.requires_grad_(True)
+            loss = F.cross_entropy(net.forward_from(layer, latent_point(net, region, layer, coeffs)),
+                                   y, reduction="sum")
+            grads = torch.autograd.grad(loss, coeffs)
+            coeffs = [(c.detach() + step_size * g.sign()).clamp(-1, 1)
+                      for c, g in zip(coeffs, grads)]
+    with torch.no_grad():
+        return latent_point(net, region, layer, coeffs)
+
+
+def _detached(region: Region) -> Region:
+    relax = {i: (lam.detach(), mu.detach()) for i, (lam, mu) in region.relaxations.items()}
+    return Region(region.lower.detach(), region.upper.detach(), region.layer,
+                  Propagation(None, {}, relax))
+
+
+@dataclass
+class AttackResult:
+    """Per input: whether a misclassifying point was found, and the point (or the last iterate)."""
+
+    found: Tensor  # (B,) bool
+    x_adv: Tensor  # (B, *S)
+
+
+def pgd_attack(net: Net, x: Tensor, y: Tensor, eps: float, steps: int, step_size: float,
+               restarts: int = 1, generator: torch.Generator | None = None) -> AttackResult:
+    """Input PGD with random restarts (step in units of ε, as COLT's certifier); keeps every
+    point that a plain forward pass misclassifies, checked again at the end."""
+    lower, upper = input_box(x, eps)
+    center, radius = (upper + lower) / 2, (upper - lower) / 2
+    found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    best = x.clone()
+    for _ in range(max(restarts, 1)):
+        coeff = 2 * torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) - 1
+        for _ in range(steps):
+            coeff.requires_grad_(True)
+            with torch.enable_grad():
+                logits = net(center + radius * coeff)
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, coeff)
+            with torch.no_grad():
+                wrong = (logits.argmax(1) != y) & ~found
+                best[wrong] = (center + radius * coeff)[wrong]
+                found |= wrong
+            coeff = (coeff.detach() + step_size * grad.sign()).clamp(-1, 1)
+        with torch.no_grad():
+            final = center + radius * coeff
+            wrong = (net(final).argmax(1) != y) & ~found
+            best[wrong] = final[wrong]
+            found |= wrong
+        if bool(found.all()):
+            break
+    with torch.no_grad():
+        # A counterexample counts only if a plain forward pass confirms it and it is in the box.
+        inside = ((best >= lower) & (best <= upper)).flatten(1).all(1)
+        found &= (net(best).argmax(1) != y) & inside
+    return AttackResult(found, best)
