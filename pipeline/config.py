@@ -206,6 +206,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``tp`` (TOML already gives typed values)."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), f"{key}: expected a table, got {type(value).__name__}")
         return from_dict(tp, value, prefix=f"{key}.")

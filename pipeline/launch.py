@@ -1,0 +1,78 @@
+"""Launch of a tuned trial: full training with the study's launch schedule, then certification of
+the test set with the full cascade, written back into the study database.
+
+    python -m pipeline.tune --study studies/mnist_0.1.toml --launch-best [--trial N]
+
+The launch trains on the whole training set (no validation split) in
+``runs/<study>/launch_trial<N>/`` and certifies the test set into ``certify_test.jsonl`` there.
+Both steps resume: running the command again after an interruption continues where it stopped. The
+outcome is appended to (or updated in) the study user attribute ``launches``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from pipeline.study import StudyFile
+from pipeline.train import load_trained_net, train
+from pipeline.tune import VAL_CERT, VAL_NAT, best_trial, open_storage
+
+log = logging.getLogger(__name__)
+
+
+def choose_trial(study: optuna.Study, study_file: StudyFile, trial_number: int | None
+                 ) -> optuna.trial.FrozenTrial:
+    if trial_number is None:
+        if study_file.settings.objective == "pareto":
+            raise LookupError(f"study {study.study_name!r} is multi-objective: choose a Pareto "
+                              f"point with --trial N (Pareto trials: "
+                              f"{sorted(t.number for t in study.best_trials)})")
+        return best_trial(study, study_file.settings.min_nat_acc)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trial = trials.get(trial_number)
+    if trial is None or trial.state != optuna.trial.TrialState.COMPLETE:
+        raise LookupError(f"study {study.study_name!r} has no complete trial {trial_number}")
+    return trial
+
+
+def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = None,
+           device: str | None = None, runs_dir: str | Path = "runs") -> dict[str, Any]:
+    from pipeline.certify.cli import certify_dataset
+
+    storage = open_storage(storage_url, study_file, heartbeat=False)
+    try:
+        study = optuna.load_study(study_name=study_file.settings.name, storage=storage)
+    except KeyError:
+        raise LookupError(f"no study named {study_file.settings.name!r} in the storage; "
+                          "run the tuning first") from None
+    trial = choose_trial(study, study_file, trial_number)
+    cfg = study_file.launch_config(trial.params)
+    if device:
+        cfg = dataclasses.replace(cfg, device=device)
+    run_dir = Path(runs_dir) / study_file.settings.name / f"launch_trial{trial.number}"
+    log.info("launching trial %d in %s", trial.number, run_dir)
+    train(cfg, run_dir, full_train_set=True)
+    net, _ = load_trained_net(run_dir / "last.pt")
+    results = run_dir / "certify_test.jsonl"
+    summary = certify_dataset(net, cfg.data, "test", cfg.eps, study_file.certify_test, results)
+    entry = {
+        "trial": trial.number,
+        "val_nat_acc": trial.user_attrs.get(VAL_NAT),
+        "val_cert_acc": trial.user_attrs.get(VAL_CERT),
+        "test_nat_acc": summary["nat_acc"],
+        "test_pgd_acc": summary["pgd_acc"],
+        "test_cert_acc": summary["cert_acc"],
+        "n_test": summary["n"],
+        "results": str(results),
+        "checkpoint": str(run_dir / "last.pt"),
+        "epochs_per_stage": cfg.epochs_per_stage,
+        "params": trial.params,
+    }
+    launches = [e for e in study.user_attrs.get("launches", []) if e.get("trial") != trial.number]
+    study.set_user_attr("launches", launches + [entry])
+    return entry

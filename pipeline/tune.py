@@ -1,0 +1,360 @@
+"""Optuna tuning of COLT: ``python -m pipeline.tune``.
+
+    python -m pipeline.tune                                   # studies/quickstart.toml, offline
+    python -m pipeline.tune --study studies/mnist_0.1.toml --storage sqlite:///runs/optuna.db
+    python -m pipeline.tune --study studies/mnist_0.1.toml --launch-best [--trial N]
+    optuna-dashboard sqlite:///runs/optuna.db
+
+Each trial trains on the training set minus the validation split with the study's per-trial budget,
+reports the validation certified accuracy at the end of every stage (so pruners stop weak trials at
+stage boundaries) and records its scores, run folder, split and environment as user attributes and
+its final checkpoint as an artifact. Several workers are the same command started again against the
+same storage; a heartbeat marks the trials of dead workers failed and re-queues them, and the retry
+resumes from the dead trial's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.study import StudyFile, load_study_file
+from pipeline.train import DivergedError, EpochReport, make_net, resolve_device, train, validate_layers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STUDY = "studies/quickstart.toml"
+DEFAULT_STORAGE = "sqlite:///runs/optuna.db"
+VAL_NAT, VAL_PGD, VAL_CERT = "val_nat_acc", "val_pgd_acc", "val_cert_acc"
+CONSTRAINT_ATTR = "constraint"
+
+
+class StorageError(RuntimeError):
+    """The study storage cannot be reached or used."""
+
+
+# --------------------------------------------------------------------------------------------
+# Storage and study
+
+
+def open_storage(url: str, study: StudyFile, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeat and retry of stale trials; a bad URL is one StorageError."""
+    if url.startswith("sqlite:///"):
+        db_path = Path(url[len("sqlite:///"):])
+        if str(db_path) not in ("", ":memory:"):
+            if not db_path.parent.exists():
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = dict(
+            heartbeat_interval=study.settings.heartbeat_interval_s,
+            grace_period=study.settings.grace_period_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=study.settings.max_retry, inherit_intermediate_values=True),
+        )
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
+        "pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except Exception as err:  # sqlalchemy / driver errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(f"storage {redact(url)} cannot be used: {first[:300]}") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def make_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
+    s = study.settings
+    constraints = constraints_func if s.objective == "cert" and s.min_nat_acc > 0 else None
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, constraints_func=constraints)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=5,
+                                      constraints_func=constraints)
+
+
+def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
+    # <= 0 is feasible: validation natural accuracy at or above the study's floor.
+    return [trial.user_attrs.get(CONSTRAINT_ATTR, 1.0)]
+
+
+def make_pruner(study: StudyFile) -> optuna.pruners.BasePruner:
+    s = study.settings
+    n_stages = study.trial_config(study.published_knobs()).num_stages
+    if s.objective == "pareto" or s.pruner == "none":
+        return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_stages)
+    if s.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                       n_warmup_steps=s.pruner_warmup_stages - 1)
+
+
+def create_study(study: StudyFile, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    s = study.settings
+    directions = ["maximize", "maximize"] if s.objective == "pareto" else ["maximize"]
+    try:
+        opt_study = optuna.create_study(storage=storage, study_name=s.name,
+                                        sampler=make_sampler(study), pruner=make_pruner(study),
+                                        directions=directions, load_if_exists=True)
+    except ValueError as err:  # e.g. an existing study with other directions
+        raise StorageError(f"study {s.name!r}: {err}") from None
+    if s.enqueue_published and study.search and not opt_study.trials:
+        # The search starts from the published hyperparameters, so it can only improve on them.
+        opt_study.enqueue_trial(study.published_knobs(), user_attrs={"published": True},
+                                skip_if_exists=True)
+    opt_study.set_user_attr("study_file", study.path)
+    opt_study.set_user_attr("objective", s.objective)
+    if s.published_cert_acc is not None:
+        opt_study.set_user_attr("published", {"nat_acc": s.published_nat_acc,
+                                              "cert_acc": s.published_cert_acc})
+    return opt_study
+
+
+# --------------------------------------------------------------------------------------------
+# Environment facts recorded with every trial
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for package in ("torch", "optuna", "highspy", "gurobipy", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {"device": f"{device.type}: {name or platform.machine()}", "versions": versions,
+            "git_rev": rev or None, "host": platform.node()}
+
+
+# --------------------------------------------------------------------------------------------
+# The objective
+
+
+def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
+    """A retried trial resumes in its original trial's run folder."""
+    import warnings
+
+    frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001 (public API lacks it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    return trial.number if original is None else original
+
+
+def score(net: Any, loader: Any, cfg: TrainConfig, study: StudyFile) -> dict[str, float]:
+    """Validation accuracies: natural, PGD and certified by the cascade's cheap stages."""
+    from pipeline.evaluate import evaluate
+
+    c = study.certify_val
+    return evaluate(net, loader, cfg.eps, c.pgd_steps, c.pgd_step_size, c.pgd_restarts,
+                    max_inputs=c.n_inputs or None, device=next(net.parameters()).device)
+
+
+class Objective:
+    def __init__(self, study: StudyFile, runs_dir: Path, device: str | None,
+                 artifact_store: Any) -> None:
+        self.study = study
+        self.runs_dir = runs_dir
+        self.device = device
+        self.artifact_store = artifact_store
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        study = self.study
+        knobs = {p.name: p.suggest(trial) for p in study.search}
+        cfg = study.trial_config(knobs)
+        if self.device:
+            cfg = _replace_device(cfg, self.device)
+        number = original_trial_number(trial.study, trial)
+        run_dir = self.runs_dir / study.settings.name / f"trial_{number}"
+        device = resolve_device(cfg.device)
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("env", environment(device))
+        if number != trial.number:
+            trial.set_user_attr("retry_of", number)
+        from pipeline.data import make_loaders
+
+        loaders = make_loaders(cfg.data, cfg.batch_size, cfg.seed, use_validation=True)
+        if loaders.split is not None:
+            trial.set_user_attr("split_seed", loaders.split.seed)
+            trial.set_user_attr("split_hash", loaders.split.hash)
+            trial.set_user_attr("n_valid", loaders.split.n_valid)
+        stage_times: list[float] = []
+        stage_start = [time.perf_counter()]
+        scores: dict[str, float] = {}
+
+        def on_epoch(report: EpochReport) -> None:
+            if not report.stage_end:
+                return
+            stage_times.append(time.perf_counter() - stage_start[0])
+            scores.update(score(report.net, loaders.valid, cfg, study))
+            report.net.train()
+            trial.set_user_attr("stage_time_s", stage_times)
+            trial.set_user_attr(f"stage{report.stage}_val", scores)
+            if study.settings.objective == "cert":
+                trial.report(scores["cert_acc"], report.stage)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after stage {report.stage}: validation "
+                                             f"certified accuracy {scores['cert_acc']:.3f}")
+            stage_start[0] = time.perf_counter()
+
+        try:
+            train(cfg, run_dir, on_epoch, loaders=loaders, progress=False)
+        except DivergedError as err:
+            trial.set_user_attr("fail_reason", f"diverged: {err}")
+            raise optuna.TrialPruned(f"diverged: {err}") from None
+        except torch.OutOfMemoryError as err:
+            trial.set_user_attr("fail_reason", f"out of memory: {str(err).splitlines()[0]}")
+            raise
+        if not scores:  # resumed after the last stage had finished
+            from pipeline.train import load_trained_net
+
+            net, _ = load_trained_net(run_dir / "last.pt", device)
+            scores = score(net, loaders.valid, cfg, study)
+        nat, pgd, cert = scores["nat_acc"], scores["pgd_acc"], scores["cert_acc"]
+        trial.set_user_attr(VAL_NAT, nat)
+        trial.set_user_attr(VAL_PGD, pgd)
+        trial.set_user_attr(VAL_CERT, cert)
+        trial.set_user_attr(CONSTRAINT_ATTR, study.settings.min_nat_acc - nat)
+        if self.artifact_store is not None:
+            optuna.artifacts.upload_artifact(artifact_store=self.artifact_store,
+                                             file_path=str(run_dir / "last.pt"),
+                                             study_or_trial=trial)
+        if study.settings.objective == "pareto":
+            return nat, cert
+        return cert
+
+
+def _replace_device(cfg: TrainConfig, device: str) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, device=device)
+
+
+def best_trial(study: optuna.Study, min_nat_acc: float) -> optuna.trial.FrozenTrial:
+    """Highest validation certified accuracy among complete trials meeting the natural floor."""
+    complete = [t for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    feasible = [t for t in complete if t.user_attrs.get(VAL_NAT, 0.0) >= min_nat_acc]
+    if not feasible:
+        raise LookupError(f"study {study.study_name!r} has no complete trial with validation "
+                          f"natural accuracy >= {min_nat_acc}")
+    return max(feasible, key=lambda t: (t.user_attrs[VAL_CERT], t.user_attrs[VAL_NAT]))
+
+
+def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = None,
+               timeout: float | None = None, device: str | None = None,
+               runs_dir: str | Path = "runs") -> optuna.Study:
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials."""
+    cfg0 = study_file.trial_config(study_file.published_knobs())
+    validate_layers(cfg0, make_net(cfg0))
+    storage = open_storage(storage_url, study_file)
+    study = create_study(study_file, storage)
+    runs_dir = Path(runs_dir)
+    artifacts = runs_dir / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    store = optuna.artifacts.FileSystemArtifactStore(str(artifacts))
+    study.set_user_attr("artifact_dir", str(artifacts.resolve()))
+    total = n_trials or study_file.settings.n_trials
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=states))
+    if done >= total:
+        log.info("study %s already has %d finished trials (cap %d)", study.study_name, done, total)
+        return study
+    study.optimize(Objective(study_file, runs_dir, device, store),
+                   n_trials=total,  # each worker stops at the shared cap below anyway
+                   timeout=timeout, catch=(torch.OutOfMemoryError,),
+                   callbacks=[optuna.study.MaxTrialsCallback(total, states=states)])
+    return study
+
+
+def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str) -> None:
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    print(f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()))
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            print(f"  trial {t.number}: val nat {t.user_attrs.get(VAL_NAT, float('nan')):.3f} "
+                  f"pgd {t.user_attrs.get(VAL_PGD, float('nan')):.3f} "
+                  f"cert {t.user_attrs.get(VAL_CERT, float('nan')):.3f}  {t.params}")
+    try:
+        best = best_trial(study, study_file.settings.min_nat_acc)
+        print(f"best trial: {best.number} (validation certified accuracy "
+              f"{best.user_attrs[VAL_CERT]:.3f}, natural {best.user_attrs[VAL_NAT]:.3f})")
+        print(f"launch it:  python -m pipeline.tune --study {study_file.path} "
+              f"--storage {redact(storage_url)} --launch-best")
+    except LookupError as err:
+        print(err)
+    print(f"look at it: optuna-dashboard {redact(storage_url)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default=DEFAULT_STUDY, help="study file (TOML)")
+    parser.add_argument("--storage", default=os.environ.get("COLT_STORAGE", DEFAULT_STORAGE),
+                        help="SQLAlchemy URL of the study database (env COLT_STORAGE)")
+    parser.add_argument("--n-trials", type=int, help="total finished trials across all workers")
+    parser.add_argument("--timeout", type=float, help="stop starting new trials after S seconds")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--runs-dir", default="runs", help="where run folders are written")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a study-file value, e.g. study.n_trials=5")
+    parser.add_argument("--launch-best", action="store_true",
+                        help="train the best trial with the launch schedule and certify the test set")
+    parser.add_argument("--trial", type=int, help="with --launch-best: launch this trial instead")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataError
+
+    if args.n_trials is not None and args.n_trials < 1:
+        print("error: --n-trials must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        study_file = load_study_file(args.study, args.overrides)
+        if args.launch_best:
+            from pipeline.launch import launch
+
+            result = launch(study_file, args.storage, trial_number=args.trial, device=args.device,
+                            runs_dir=args.runs_dir)
+            print({k: v for k, v in result.items()})
+            return 0
+        study = run_tuning(study_file, args.storage, args.n_trials, args.timeout, args.device,
+                           args.runs_dir)
+        print_summary(study, study_file, args.storage)
+    except (ConfigError, StorageError, CheckpointError, DataError, LookupError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
