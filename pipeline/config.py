@@ -13,6 +13,7 @@ out-of-range values raise :class:`ConfigError` with one line naming the key and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -42,6 +43,10 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_positive(name: str, value: float) -> None:
+    _check(math.isfinite(value) and value > 0, f"{name} = {value}: must be a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class TrainConfig:
         _check(bool(NET_PATTERN.match(self.net)),
                f"net = {self.net!r}: allowed fc_<h>[_<h>...], convmed_<w1>_<w2>_<lin>, "
                "convmedbig_<w1>_<w2>_<w3>_<lin>")
-        _check(self.eps > 0, f"eps = {self.eps}: must be > 0")
+        _check_positive("eps", self.eps)
         _check(len(self.latent_layers) >= 1 and self.latent_layers[0] == -1,
                f"latent_layers = {list(self.latent_layers)}: must start with -1 (input PGD stage)")
         _check(all(a < b for a, b in zip(self.latent_layers, self.latent_layers[1:])),
@@ -114,14 +119,13 @@ class TrainConfig:
         _check(self.epochs_per_stage >= 1, f"epochs_per_stage = {self.epochs_per_stage}: must be >= 1")
         _check(self.mix_epochs >= 0, f"mix_epochs = {self.mix_epochs}: must be >= 0")
         _check(self.batch_size >= 1, f"batch_size = {self.batch_size}: must be >= 1")
-        _check(self.eps_initial_factor > 0,
-               f"eps_initial_factor = {self.eps_initial_factor}: must be > 0")
-        _check(self.eps_decay_factor > 0, f"eps_decay_factor = {self.eps_decay_factor}: must be > 0")
+        _check_positive("eps_initial_factor", self.eps_initial_factor)
+        _check_positive("eps_decay_factor", self.eps_decay_factor)
         _check(self.l1_reg >= 0, f"l1_reg = {self.l1_reg}: must be >= 0")
         _check(self.relu_stable >= 0, f"relu_stable = {self.relu_stable}: must be >= 0")
         _check(self.relu_stable_factor > 0,
                f"relu_stable_factor = {self.relu_stable_factor}: must be > 0")
-        _check(self.lr > 0, f"lr = {self.lr}: must be > 0")
+        _check_positive("lr", self.lr)
         _check(0 < self.lr_layer_dec <= 1, f"lr_layer_dec = {self.lr_layer_dec}: must be in (0, 1]")
         _check(self.lr_step >= 1, f"lr_step = {self.lr_step}: must be >= 1")
         _check(0 < self.lr_factor <= 1, f"lr_factor = {self.lr_factor}: must be in (0, 1]")
@@ -178,8 +182,22 @@ class CertifyConfig:
     margin_tolerance: float = 1e-6
     n_inputs: int = 0  # 0 = all inputs of the split
     seed: int = 0
+    # --- added with pipeline/certify/cascade.py ---
+    # A cheap attack runs before the zonotope; the full one (pgd_restarts x pgd_steps) only if
+    # the zonotope with slopes fails. Same total travel: step = pgd_step_size*pgd_steps/quick_steps.
+    pgd_quick_restarts: int = 2
+    pgd_quick_steps: int = 20
+    # Encode the MILP from the input box through every layer (complete when all unstable ReLUs
+    # get a binary: for small nets) instead of from the exact zonotope at milp_layer.
+    milp_from_input: bool = False
+    solver_threads: int = 1
 
     def __post_init__(self) -> None:
+        _check(self.pgd_quick_restarts >= 0,
+               f"pgd_quick_restarts = {self.pgd_quick_restarts}: must be >= 0")
+        _check(self.pgd_quick_steps >= 1, f"pgd_quick_steps = {self.pgd_quick_steps}: must be >= 1")
+        _check(self.solver_threads >= 1, f"solver_threads = {self.solver_threads}: must be >= 1")
+        _check(self.milp_layer >= -1, f"milp_layer = {self.milp_layer}: must be >= -1")
         _check(self.pgd_restarts >= 0, f"pgd_restarts = {self.pgd_restarts}: must be >= 0")
         _check(self.pgd_steps >= 1, f"pgd_steps = {self.pgd_steps}: must be >= 1")
         _check(self.slope_iters >= 0, f"slope_iters = {self.slope_iters}: must be >= 0")
@@ -319,7 +337,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """TrainConfig from the ``[train]`` table of a config/study file plus ``--set`` overrides."""
     raw = read_toml(path)
-    table = raw.get("train", {})
+    if "train" not in raw:
+        raise ConfigError(f"{path}: no [train] table (tables found: {', '.join(raw) or 'none'})")
+    table = raw["train"]
     try:
         return from_dict(TrainConfig, apply_overrides(table, overrides))
     except ConfigError as err:

@@ -150,7 +150,7 @@ def colt_step(net: Net, x: Tensor, y: Tensor, cfg: TrainConfig, stage: int, kapp
     loss = kappa * adv + (1 - kappa) * padv + cfg.l1_reg * l1 + kappa * stable_weight * stable
     stats = {
         "loss": loss.item(), "nat_loss": nat.item(), "adv_loss": adv.item(),
-        "prev_adv_loss": padv.item(), "l1": l1.item(), "stable_loss": float(stable),
+        "prev_adv_loss": padv.item(), "l1": l1.item(), "stable_loss": float(stable.detach()),
         "nat_acc": (logits.argmax(1) == y).float().mean().item(),
         "adv_acc": (adv_logits.argmax(1) == y).float().mean().item(),
         "unstable_relus": float(unstable),
@@ -226,6 +226,9 @@ def train(cfg: TrainConfig, run_dir: str | Path,
         kept = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["global_epoch"] < done]
         write_jsonl(run_dir / "metrics.jsonl", kept)
         log.info("resuming %s at stage %d epoch %d", run_dir, stage, epoch)
+    else:
+        # Lines of a run that died before its first checkpoint belong to no checkpoint.
+        write_jsonl(run_dir / "metrics.jsonl", [])
 
     metrics: dict[str, Any] = {}
     bar = tqdm(total=cfg.num_stages * cfg.epochs_per_stage * iters, disable=not progress,
@@ -285,9 +288,11 @@ def train(cfg: TrainConfig, run_dir: str | Path,
                 "rng": rng_state(), "net": cfg.net, "dataset": cfg.data.dataset,
                 "metrics": metrics,
             }
-            save_checkpoint(state, last)
+            # The stage checkpoint first: a crash between the two writes repeats the epoch
+            # (rewriting an identical stage file) instead of losing the stage file.
             if stage_end:
                 save_checkpoint(state, run_dir / f"stage{stage}.pt")
+            save_checkpoint(state, last)
             log.info("stage %d epoch %d: %s", stage, epoch - 1,
                      ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                if isinstance(v, float)))

@@ -1,0 +1,28 @@
+"""Shared pytest setup: the repository root on sys.path and a one-thread torch fixture."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run torch on one intra-op thread for the module, then restore the previous setting.
+
+    The training tests use tiny networks (digits, 8x8): a second thread barely helps, and on a
+    shared 2-core machine thread oversubscription makes them several times slower. It also
+    keeps an in-process run and a ``OMP_NUM_THREADS=1`` subprocess numerically identical.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
