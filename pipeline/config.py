@@ -61,11 +61,16 @@ class DataConfig:
     split_seed: int = 0
     augment: bool = True
     num_workers: int = 0
+    # Budget for tuning trials: train on a seeded random subset of at most this many images of
+    # the training split (0: all). Launches always use the full training set.
+    max_train_images: int = 0
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"dataset = {self.dataset!r}: allowed {', '.join(DATASETS)}")
         _check(self.n_valid >= 0, f"n_valid = {self.n_valid}: must be >= 0")
         _check(self.num_workers >= 0, f"num_workers = {self.num_workers}: must be >= 0")
+        _check(self.max_train_images >= 0,
+               f"max_train_images = {self.max_train_images}: must be >= 0 (0: all)")
 
 
 @dataclass(frozen=True)

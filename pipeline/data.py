@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 
 __all__ = [
     "DATASET_INFO",
@@ -557,15 +557,19 @@ def make_loaders(cfg: DataConfig, batch_size: int, seed: int, *, use_validation:
     valid_loader: DataLoader | None = None
     if use_validation:
         split = train_valid_split(len(base), effective_n_valid(base, cfg.n_valid), cfg.split_seed)
-        train_set: Dataset = Subset(train_view, list(split.train_indices))
+        train_indices = list(split.train_indices)
+        if cfg.max_train_images:
+            # The indices are in shuffled order, so a prefix is a seeded random subset.
+            train_indices = train_indices[: cfg.max_train_images]
+        train_set: Dataset = Subset(train_view, train_indices)
         if split.n_valid:
             valid_loader = _loader(Subset(base, list(split.valid_indices)), eval_batch, cfg)
     else:
         train_set = train_view
     if len(train_set) < batch_size:
         # drop_last would silently yield no batch at all.
-        raise ValueError(f"{cfg.dataset}: {len(train_set)} training images, fewer than "
-                         f"batch_size = {batch_size}")
+        raise ConfigError(f"batch_size = {batch_size}: larger than the {len(train_set)} "
+                          f"training images of {cfg.dataset}")
 
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
