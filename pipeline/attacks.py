@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +41,17 @@ class Region:
 
 
 def prefix_relaxation(net: Net, x: Tensor, eps: float, layer: int, bounds: str = "cauchy",
-                      n_rand_proj: int = 50, generator: torch.Generator | None = None) -> Region:
+                      n_rand_proj: int = 50, generator: torch.Generator | None = None, *,
+                      keep_element: bool = True) -> Region:
     """DeepZ region after block ``layer`` for the L∞ ball of ``eps`` around ``x`` (clipped to [0,1]).
 
     ``bounds="cauchy"`` estimates each ReLU's bounds with ``n_rand_proj`` Cauchy projections per
     noise group (COLT's training default, random and unsound); ``"exact"`` concretises the zonotope.
     Gradients flow if enabled by the caller (the ReLU-stability loss needs them).
+
+    ``keep_element=False`` (Cauchy bounds): the caller wants only the bounds and relaxations, not
+    the propagated element, so a last ReLU block draws no new projection group and the region's
+    ``propagation.element`` is None (it cannot be extended).
     """
     lower, upper = input_box(x, eps)
     if layer < 0:
@@ -54,21 +61,63 @@ def prefix_relaxation(net: Net, x: Tensor, eps: float, layer: int, bounds: str =
         prop = net.propagate(element, -1, layer)
     else:
         element = ProjectedZonotope.from_bounds(lower, upper, n_rand_proj, generator)
-        prop = net.propagate(element, -1, layer, generator=generator)
+        prop = propagate_projected(net, element, -1, layer, generator, keep_element=keep_element,
+                                   owned=True)
     return Region(lower, upper, layer, prop)
 
 
 def extend_relaxation(net: Net, region: Region, layer: int,
-                      generator: torch.Generator | None = None) -> Region:
-    """Continue a region's propagation from its layer to a later ``layer`` (e.g. with gradients)."""
-    if region.layer < 0:
+                      generator: torch.Generator | None = None, *,
+                      keep_element: bool = True) -> Region:
+    """Continue a region's propagation from its layer to a later ``layer`` (e.g. with gradients).
+
+    ``keep_element`` as in :func:`prefix_relaxation`; the region itself is left unchanged.
+    """
+    if region.layer < 0 or region.propagation.element is None:
         raise ValueError("extend_relaxation needs a region with a propagated element")
-    kwargs = {"generator": generator} if isinstance(region.propagation.element,
-                                                    ProjectedZonotope) else {}
-    prop = net.propagate(region.propagation.element, region.layer, layer, **kwargs)
+    element = region.propagation.element
+    if isinstance(element, ProjectedZonotope):
+        prop = propagate_projected(net, element, region.layer, layer, generator,
+                                   keep_element=keep_element, owned=False)
+    else:
+        prop = net.propagate(element, region.layer, layer)
     merged = Propagation(prop.element, {**region.propagation.pre_bounds, **prop.pre_bounds},
                          {**region.propagation.relaxations, **prop.relaxations})
     return Region(region.lower, region.upper, layer, merged)
+
+
+def propagate_projected(net: Net, element: ProjectedZonotope, start: int, end: int,
+                        generator: torch.Generator | None = None, *, keep_element: bool = True,
+                        owned: bool = False) -> Propagation:
+    """``net.propagate`` for the Cauchy estimate (DeepZ slopes, no refined bounds), cheaper:
+
+    * ``keep_element=False``: a last ReLU block computes its bounds and (λ, μ) only;
+    * ``owned=True`` (``element`` is the caller's to consume): groups that no gradient needs are
+      scaled by λ in place; intermediate elements are always owned.
+
+    The random draws are the same as ``net.propagate``'s, in the same order (except the last
+    ReLU's new group when it is not kept).
+    """
+    result = Propagation(element)
+    for i in range(start + 1, end + 1):
+        block = net.blocks[i]
+        if block.is_relu:
+            element, pre, relax = element.relu(None, None, generator,
+                                               output=keep_element or i < end, inplace=owned)
+            result.pre_bounds[i] = pre
+            result.relaxations[i] = relax
+            owned = True
+        else:
+            before = element.groups
+            element, _, _ = block.abstract(element)
+            # An affine block may return views (Flatten): still owned only if it was before.
+            owned = owned or not any(_same_memory(a, b) for a, b in zip(before, element.groups))
+    result.element = element
+    return result
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def coefficient_shapes(net: Net, region: Region, layer: int) -> list[torch.Size]:
@@ -121,6 +170,37 @@ def _detached(region: Region) -> Region:
                   Propagation(None, {}, relax))
 
 
+_RETAINED: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    A training step allocates and frees the same few hundred MB of projections every iteration.
+    By default glibc serves each block over 32 MB from a fresh ``mmap`` and unmaps it on free, so
+    every page is faulted in and zeroed again in every iteration; on virtual machines that costs
+    more than the arithmetic on it (measured 2-5x on single large ops here). With ``mmap``
+    disabled and trimming off, freed blocks stay in the heap and are reused. The process's peak
+    memory is unchanged, but it keeps that memory until it exits.
+
+    Idempotent; process-wide. Returns whether it is in effect (False where the C library is not
+    glibc, or with ``PIPELINE_RETAIN_FREED_MEMORY=0`` in the environment).
+    """
+    global _RETAINED
+    if _RETAINED is None:
+        _RETAINED = False
+        if os.environ.get("PIPELINE_RETAIN_FREED_MEMORY", "1") != "0":
+            try:
+                libc = ctypes.CDLL(None)
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):
+                return False
+            m_trim_threshold, m_mmap_max = -1, -4
+            _RETAINED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold,
+                                                                     2**31 - 1))
+    return _RETAINED
+
+
 @dataclass
 class AttackResult:
     """Per input: whether a misclassifying point was found, and the point (or the last iterate)."""
@@ -142,16 +222,18 @@ def pgd_attack(net: Net, x: Tensor, y: Tensor, eps: float, steps: int, step_size
         for _ in range(steps):
             coeff.requires_grad_(True)
             with torch.enable_grad():
-                logits = net(center + radius * coeff)
+                point = torch.minimum(torch.maximum(center + radius * coeff, lower), upper)
+                logits = net(point)
                 loss = F.cross_entropy(logits, y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, coeff)
             with torch.no_grad():
                 wrong = (logits.argmax(1) != y) & ~found
-                best[wrong] = (center + radius * coeff)[wrong]
+                best[wrong] = point[wrong]
                 found |= wrong
             coeff = (coeff.detach() + step_size * grad.sign()).clamp(-1, 1)
         with torch.no_grad():
-            final = center + radius * coeff
+            # Clamped: rounding can put centre + radius at a corner just outside the box.
+            final = torch.minimum(torch.maximum(center + radius * coeff, lower), upper)
             wrong = (net(final).argmax(1) != y) & ~found
             best[wrong] = final[wrong]
             found |= wrong

@@ -167,8 +167,12 @@ def load_colt_state_dict(net: Net, path: str | Path) -> Net:
         if len(parts) != 5 or parts[:2] != ["blocks", "layers"]:
             raise NetError(f"{path}: unexpected key {key!r} (not a COLT state dict)")
         mapped[f"blocks.{parts[2]}.{parts[4]}"] = value
-    missing, unexpected = net.load_state_dict(mapped, strict=False)
-    missing = [m for m in missing if not m.endswith(("mean", "std"))]
-    if missing or unexpected:
-        raise NetError(f"{path}: does not fit {net.name}: missing {missing}, unexpected {unexpected}")
+    # Check keys and shapes before loading anything, so a failed load leaves the net untouched.
+    own = {k: v for k, v in net.state_dict().items() if not k.endswith((".mean", ".std"))}
+    missing, unexpected = sorted(set(own) - set(mapped)), sorted(set(mapped) - set(own))
+    wrong = [k for k in own if k in mapped and tuple(mapped[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise NetError(f"{path}: does not fit {net.name}: missing {missing}, unexpected "
+                       f"{unexpected}, wrong shapes {wrong}")
+    net.load_state_dict(mapped, strict=False)
     return net
