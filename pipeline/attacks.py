@@ -130,13 +130,14 @@ def coefficient_shapes(net: Net, region: Region, layer: int) -> list[torch.Size]
 def latent_point(net: Net, region: Region, layer: int, coefficients: list[Tensor]) -> Tensor:
     """The point of the region after block ``layer`` for coefficients in [-1, 1]."""
     center, radius = (region.upper + region.lower) / 2, (region.upper - region.lower) / 2
-    z = center + radius * coefficients[0]
+    z = torch.addcmul(center, radius, coefficients[0])
     group = 1
     for i in range(layer + 1):
         block = net.blocks[i]
         if block.is_relu:
             lam, mu = region.relaxations[i]
-            z = lam * z + mu * (1 + coefficients[group])
+            # λ z + μ (1 + e), as two fused multiply-adds
+            z = torch.addcmul(torch.addcmul(mu, mu, coefficients[group]), lam, z)
             group += 1
         else:
             z = block(z)

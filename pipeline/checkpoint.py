@@ -62,8 +62,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, garbage bytes, or a pickle with code in it
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a valid checkpoint ({first[:200]})") from None
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            # torch's message suggests weights_only=False: never do that for an unknown file.
+            detail = next((line.strip() for line in text.splitlines()[1:]
+                           if "GLOBAL" in line or "Unsupported" in line), "")
+            raise CheckpointError(
+                f"{path}: not a valid checkpoint: the weights-only loader refused it (corrupt, "
+                f"or pickled objects other than tensors and plain data; nothing in it was run)"
+                f"{': ' + detail if detail else ''}"
+            ) from None
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise CheckpointError(f"{path}: not a valid checkpoint (truncated or corrupt: "
+                              f"{first[:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (no dict inside)")
     return state

@@ -196,8 +196,12 @@ class CertifyConfig:
     # get a binary: for small nets) instead of from the exact zonotope at milp_layer.
     milp_from_input: bool = False
     solver_threads: int = 1
+    # Stop the slope optimisation when its loss has not improved by 0.1% in this many steps
+    # (0: never); the MILP then takes over.
+    slope_patience: int = 25
 
     def __post_init__(self) -> None:
+        _check(self.slope_patience >= 0, f"slope_patience = {self.slope_patience}: must be >= 0")
         _check(self.pgd_quick_restarts >= 0,
                f"pgd_quick_restarts = {self.pgd_quick_restarts}: must be >= 0")
         _check(self.pgd_quick_steps >= 1, f"pgd_quick_steps = {self.pgd_quick_steps}: must be >= 1")

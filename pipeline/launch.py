@@ -40,8 +40,22 @@ def choose_trial(study: optuna.Study, study_file: StudyFile, trial_number: int |
     return trial
 
 
+def _require_sqlite_file(storage_url: str) -> None:
+    """A launch reads a tuned study: a missing SQLite file is an error, not a new database."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(storage_url)
+    except Exception:  # noqa: BLE001 - open_storage reports a bad URL
+        return
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).is_file():
+            raise LookupError(f"no study database at {url.database}; run the tuning first")
+
+
 def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = None,
            device: str | None = None, runs_dir: str | Path = "runs") -> dict[str, Any]:
+    _require_sqlite_file(storage_url)
     from pipeline.certify.cli import certify_dataset
 
     storage = open_storage(storage_url, study_file, heartbeat=False)

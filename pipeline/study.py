@@ -126,21 +126,23 @@ class StudyFile:
     certify_val: CertifyConfig = field(default_factory=CertifyConfig)
     certify_test: CertifyConfig = field(default_factory=CertifyConfig)
 
-    def _with(self, overrides: dict[str, Any], knobs: dict[str, Any]) -> TrainConfig:
+    def _with(self, overrides: dict[str, Any], knobs: dict[str, Any], table: str = ""
+              ) -> TrainConfig:
         values = dataclasses.asdict(self.base)
         values = _merge(_merge(values, overrides), knobs)
         try:
             return from_dict(TrainConfig, values)
         except ConfigError as err:
-            raise ConfigError(f"{self.path}: {err}") from None
+            where = f"[{table}] " if table else ""
+            raise ConfigError(f"{self.path}: {where}{err}") from None
 
     def trial_config(self, knobs: dict[str, Any]) -> TrainConfig:
         """TrainConfig of a tuning trial: base + [trial] budget + the sampled knobs."""
-        return self._with(self.trial_overrides, knobs)
+        return self._with(self.trial_overrides, knobs, "trial")
 
     def launch_config(self, knobs: dict[str, Any]) -> TrainConfig:
         """TrainConfig of a launch: base + [launch] schedule + the chosen trial's knobs."""
-        return self._with(self.launch_overrides, knobs)
+        return self._with(self.launch_overrides, knobs, "launch")
 
     def published_knobs(self) -> dict[str, Any]:
         """The base config's values of the searched knobs (the paper's, for paper studies)."""
@@ -168,7 +170,7 @@ def load_study_file(path: str | Path, overrides: tuple[str, ...] | list[str] = (
         if "study" not in raw or "name" not in raw["study"]:
             raise ConfigError("[study] name is missing")
         settings = from_dict(StudySettings, raw["study"], prefix="study.")
-        base = from_dict(TrainConfig, raw.get("train", {}))
+        base = from_dict(TrainConfig, raw.get("train", {}), prefix="train.")
         search = []
         for name, spec in raw.get("search", {}).items():
             _check(isinstance(spec, dict), f"search.{name}: expected a table")
@@ -182,10 +184,21 @@ def load_study_file(path: str | Path, overrides: tuple[str, ...] | list[str] = (
                                  prefix="certify_test.")
         study = StudyFile(str(path), settings, base, raw.get("trial", {}), raw.get("launch", {}),
                           tuple(search), certify_val, certify_test)
-        # Both derived configs must be valid before anything touches a database.
+        # Both derived configs must be valid before anything touches a database, and so must
+        # every value the search can sample (checked at the ends of each range).
         knobs = study.published_knobs()
         study.trial_config(knobs)
         study.launch_config(knobs)
+        for param in study.search:
+            ends = (("choices", v) for v in param.choices) if param.choices is not None else (
+                ("low", param.low), ("high", param.high))
+            for key, value in ends:
+                value = int(value) if param.is_int and key != "choices" else value
+                try:
+                    from_dict(TrainConfig, {**dataclasses.asdict(base), param.name: value},
+                              prefix="")
+                except ConfigError as err:
+                    raise ConfigError(f"search.{param.name}.{key} = {value!r}: {err}") from None
     except ConfigError as err:
         message = str(err)
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}"

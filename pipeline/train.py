@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from pipeline.attacks import extend_relaxation, latent_pgd, prefix_relaxation
+from pipeline.attacks import (
+    extend_relaxation,
+    latent_pgd,
+    prefix_relaxation,
+    retain_freed_memory,
+)
 from pipeline.checkpoint import (
     append_jsonl,
     load_checkpoint,
@@ -112,23 +117,34 @@ class StepResult:
 def colt_step(net: Net, x: Tensor, y: Tensor, cfg: TrainConfig, stage: int, kappa: float
               ) -> StepResult:
     """The loss of one batch in a stage (reference §1.5): mixed latent-adversarial losses,
-    L1 and ReLU stability."""
+    L1 and ReLU stability.
+
+    The Cauchy bound estimate runs once: the frozen prefix up to curr without gradient, then
+    (stability on) on to next's pre-activation bounds with gradient; the last ReLU's new noise
+    group is never drawn, since only its bounds are used.
+    """
+    if x.device.type == "cpu":
+        retain_freed_memory()
     prev, curr, nxt = cfg.stage_layers(stage)
     eps = cfg.stage_eps(stage)
     stable_weight = cfg.stage_relu_stable(stage) if nxt is not None else 0.0
     use_stable = stable_weight > 0 and kappa > 0
-    logits = net(x)
+    # The natural loss is a loss term only in stage 0; later it is a statistic.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and prev == -2):
+        logits = net(x)
     nat = F.cross_entropy(logits, y)
 
     # The region up to curr: the prefix is frozen, so no gradient is needed through it.
     with torch.no_grad():
-        region = prefix_relaxation(net, x, eps, curr, cfg.bounds, cfg.n_rand_proj)
+        region = prefix_relaxation(net, x, eps, curr, cfg.bounds, cfg.n_rand_proj,
+                                   keep_element=use_stable)
     stable = torch.zeros((), device=x.device)
     if use_stable:
         # Bounds of the next latent layer's pre-activations, with gradient through the trainable
         # blocks between curr and next.
-        region_next = (prefix_relaxation(net, x, eps, nxt, cfg.bounds, cfg.n_rand_proj)
-                       if curr < 0 else extend_relaxation(net, region, nxt))
+        region_next = (prefix_relaxation(net, x, eps, nxt, cfg.bounds, cfg.n_rand_proj,
+                                         keep_element=False)
+                       if curr < 0 else extend_relaxation(net, region, nxt, keep_element=False))
         lower, upper = region_next.propagation.pre_bounds[nxt]
         stable = relu_stability(lower, upper)
         region = region_next if curr < 0 else region

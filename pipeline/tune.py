@@ -16,6 +16,7 @@ resumes from the dead trial's last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -49,28 +50,183 @@ class StorageError(RuntimeError):
 # Storage and study
 
 
+LIVE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+               optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+CONNECT_TIMEOUT_S = 10
+LOCK_TIMEOUT_S = 300
+
+
+class TrialCapReached(RuntimeError):
+    """A worker may not start a new trial: finished, running and queued trials fill the cap."""
+
+
+class StudyLock:
+    """A lock shared by all workers of one study, held only while the study or a new trial is
+    created, so that the trial cap holds exactly and the published trial is queued once.
+
+    PostgreSQL: a transaction-level advisory lock (released when the transaction or the
+    connection ends, so a killed worker never leaves it held). SQLite: ``flock`` on
+    ``<db file>.lock`` (workers on one machine). Other databases: no lock; the cap may then
+    overshoot by up to one trial per extra worker.
+    """
+
+    def __init__(self, url: str, name: str) -> None:
+        import hashlib
+
+        import sqlalchemy
+
+        self.url = sqlalchemy.engine.make_url(url)
+        digest = hashlib.sha256(f"colt-study:{name}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)
+        self._depth = 0
+        self._engine: Any = None
+        self._conn: Any = None
+        self._fd: int | None = None
+
+    @property
+    def kind(self) -> str:
+        backend = self.url.get_backend_name()
+        if backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
+            return "sqlite"
+        return "postgresql" if backend == "postgresql" else "none"
+
+    def __enter__(self) -> "StudyLock":
+        self._depth += 1
+        if self._depth > 1:
+            return self
+        try:
+            if self.kind == "postgresql":
+                import sqlalchemy
+
+                if self._engine is None:
+                    self._engine = sqlalchemy.create_engine(
+                        self.url, poolclass=sqlalchemy.pool.NullPool,
+                        connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+                self._conn = self._engine.connect()
+                self._conn.execute(sqlalchemy.text(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'"))
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": self.key})
+            elif self.kind == "sqlite":
+                import fcntl
+
+                path = Path(self.url.database)
+                self._fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._depth -= 1
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._release()
+
+    def _release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.rollback()  # ends the transaction: releases the advisory lock
+            finally:
+                conn.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # releases the flock
+
+
+class CappedRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose new trials respect a cap shared by all workers.
+
+    With ``cap`` set, a fresh trial (``study.ask()`` finding no queued trial) is created only
+    while the study holds fewer than ``cap`` finished, running or queued trials; the count and
+    the insert happen under :class:`StudyLock`, so concurrent workers never overshoot. Otherwise
+    :class:`TrialCapReached` is raised and no trial is created. Queued trials (the published
+    trial, heartbeat retries) are created from a template and are never refused.
+    """
+
+    cap: int | None = None
+    study_lock: StudyLock | None = None
+
+    def _create_new_trial(self, study_id: int,
+                          template_trial: optuna.trial.FrozenTrial | None = None
+                          ) -> optuna.trial.FrozenTrial:
+        if template_trial is not None or self.cap is None:
+            return super()._create_new_trial(study_id, template_trial)
+        with self.study_lock or contextlib.nullcontext():
+            live = self.get_n_trials(study_id, state=LIVE_STATES)
+            if live >= self.cap:
+                raise TrialCapReached(f"{live} finished, running or queued trials: cap "
+                                      f"{self.cap} reached")
+            return super()._create_new_trial(study_id, template_trial)
+
+
 def open_storage(url: str, study: StudyFile, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeat and retry of stale trials; a bad URL is one StorageError."""
-    if url.startswith("sqlite:///"):
-        db_path = Path(url[len("sqlite:///"):])
-        if str(db_path) not in ("", ":memory:"):
-            if not db_path.parent.exists():
-                db_path.parent.mkdir(parents=True, exist_ok=True)
+    """RDB storage with heartbeat and retry of stale trials; a bad URL is one StorageError.
+
+    Connections time out after CONNECT_TIMEOUT_S. SQLite databases are switched to WAL mode (so
+    several workers on one machine can share one) and get a lock file ``<db>.lock`` next to them.
+    """
+    import warnings
+
+    import sqlalchemy
+
     kwargs: dict[str, Any] = {}
-    if heartbeat:
-        kwargs = dict(
-            heartbeat_interval=study.settings.heartbeat_interval_s,
-            grace_period=study.settings.grace_period_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=study.settings.max_retry, inherit_intermediate_values=True),
-        )
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
-        "pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as err:  # sqlalchemy / driver errors come in many types
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                kwargs = dict(
+                    heartbeat_interval=study.settings.heartbeat_interval_s,
+                    grace_period=study.settings.grace_period_s,
+                    heartbeat_stale_trial_callback=(
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(
+                            max_retry=study.settings.max_retry,
+                            inherit_intermediate_values=True)),
+                )
+            parsed = sqlalchemy.engine.make_url(url)
+            backend = parsed.get_backend_name()
+            if backend == "sqlite":
+                engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+            else:
+                engine_kwargs = {"pool_pre_ping": True}
+                if backend in ("postgresql", "mysql", "mariadb"):
+                    engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+            lock = StudyLock(url, study.settings.name)
+            if lock.kind == "sqlite":
+                db_path = Path(parsed.database)
+                try:
+                    if not db_path.parent.exists():
+                        db_path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(f"{db_path}.lock", "a"):
+                        pass
+                except OSError as err:
+                    raise StorageError(f"storage {redact(url)} cannot be used: cannot create "
+                                       f"files in {db_path.parent} ({err.strerror})") from None
+            with lock:  # concurrent workers must not race on table and study creation
+                if lock.kind == "sqlite":
+                    _sqlite_wal(Path(parsed.database))
+                storage = CappedRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except StorageError:
+        raise
+    except Exception as err:  # sqlalchemy / driver / OS errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"storage {redact(url)} cannot be used: {first[:300]}") from None
+    storage.study_lock = lock
+    return storage
+
+
+def _sqlite_wal(path: Path) -> None:
+    """WAL journal: readers do not block the writer, so workers rarely wait on each other. The
+    mode is stored in the database file, so setting it once is enough."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, timeout=60)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
 
 
 def redact(url: str) -> str:
@@ -81,19 +237,13 @@ def redact(url: str) -> str:
 
 
 def make_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
+    # The natural-accuracy floor reaches the samplers through trial.set_constraint (objective).
     s = study.settings
-    constraints = constraints_func if s.objective == "cert" and s.min_nat_acc > 0 else None
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, constraints_func=constraints)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=5,
-                                      constraints_func=constraints)
-
-
-def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
-    # <= 0 is feasible: validation natural accuracy at or above the study's floor.
-    return [trial.user_attrs.get(CONSTRAINT_ATTR, 1.0)]
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=5)
 
 
 def make_pruner(study: StudyFile) -> optuna.pruners.BasePruner:
@@ -112,16 +262,20 @@ def make_pruner(study: StudyFile) -> optuna.pruners.BasePruner:
 def create_study(study: StudyFile, storage: optuna.storages.BaseStorage) -> optuna.Study:
     s = study.settings
     directions = ["maximize", "maximize"] if s.objective == "pareto" else ["maximize"]
-    try:
-        opt_study = optuna.create_study(storage=storage, study_name=s.name,
-                                        sampler=make_sampler(study), pruner=make_pruner(study),
-                                        directions=directions, load_if_exists=True)
-    except ValueError as err:  # e.g. an existing study with other directions
-        raise StorageError(f"study {s.name!r}: {err}") from None
-    if s.enqueue_published and study.search and not opt_study.trials:
-        # The search starts from the published hyperparameters, so it can only improve on them.
-        opt_study.enqueue_trial(study.published_knobs(), user_attrs={"published": True},
-                                skip_if_exists=True)
+    # Workers started together: one creates the study and queues the published trial, the
+    # others wait for the lock and then find both.
+    with getattr(storage, "study_lock", None) or contextlib.nullcontext():
+        try:
+            opt_study = optuna.create_study(storage=storage, study_name=s.name,
+                                            sampler=make_sampler(study), pruner=make_pruner(study),
+                                            directions=directions, load_if_exists=True)
+        except ValueError as err:  # e.g. an existing study with other directions
+            raise StorageError(f"study {s.name!r}: {err}") from None
+        if s.enqueue_published and study.search and not opt_study.trials:
+            # The search starts from the published hyperparameters, so it can only improve on
+            # them.
+            opt_study.enqueue_trial(study.published_knobs(), user_attrs={"published": True},
+                                    skip_if_exists=True)
     opt_study.set_user_attr("study_file", study.path)
     opt_study.set_user_attr("objective", s.objective)
     if s.published_cert_acc is not None:
@@ -239,7 +393,9 @@ class Objective:
         trial.set_user_attr(VAL_NAT, nat)
         trial.set_user_attr(VAL_PGD, pgd)
         trial.set_user_attr(VAL_CERT, cert)
+        # <= 0 is feasible: validation natural accuracy at or above the study's floor.
         trial.set_user_attr(CONSTRAINT_ATTR, study.settings.min_nat_acc - nat)
+        trial.set_constraint("min_nat_acc", study.settings.min_nat_acc - nat)
         if self.artifact_store is not None:
             optuna.artifacts.upload_artifact(artifact_store=self.artifact_store,
                                              file_path=str(run_dir / "last.pt"),
@@ -269,9 +425,16 @@ def best_trial(study: optuna.Study, min_nat_acc: float) -> optuna.trial.FrozenTr
 def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = None,
                timeout: float | None = None, device: str | None = None,
                runs_dir: str | Path = "runs") -> optuna.Study:
-    """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials."""
-    cfg0 = study_file.trial_config(study_file.published_knobs())
-    validate_layers(cfg0, make_net(cfg0))
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials.
+
+    Every worker runs this; together they finish exactly ``n_trials`` trials. A worker starts a
+    new trial only while finished + running + queued trials are fewer than the cap (checked
+    under the study lock, see :class:`CappedRDBStorage`); when the cap is reached but trials of
+    other workers are still running, it waits, polling every heartbeat interval, so that it can
+    take over the retry of a worker that died (its trial is failed after the grace period and
+    re-queued by the heartbeat callback). It returns when the cap is met or ``timeout`` expires.
+    """
+    validate_layers_of(study_file)
     storage = open_storage(storage_url, study_file)
     study = create_study(study_file, storage)
     runs_dir = Path(runs_dir)
@@ -280,16 +443,58 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
     store = optuna.artifacts.FileSystemArtifactStore(str(artifacts))
     study.set_user_attr("artifact_dir", str(artifacts.resolve()))
     total = n_trials or study_file.settings.n_trials
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=states))
-    if done >= total:
-        log.info("study %s already has %d finished trials (cap %d)", study.study_name, done, total)
-        return study
-    study.optimize(Objective(study_file, runs_dir, device, store),
-                   n_trials=total,  # each worker stops at the shared cap below anyway
-                   timeout=timeout, catch=(torch.OutOfMemoryError,),
-                   callbacks=[optuna.study.MaxTrialsCallback(total, states=states)])
+    storage.cap = total
+    objective = Objective(study_file, runs_dir, device, store)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = [0]
+    stop_at_cap = optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)
+
+    def count_failures(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            failed[0] += 1
+
+    waiting_since: float | None = None
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        if done >= total:
+            log.info("study %s has %d finished trials (cap %d)", study.study_name, done, total)
+            break
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            log.info("timeout: study %s has %d of %d finished trials", study.study_name, done,
+                     total)
+            break
+        if failed[0] >= total:
+            log.warning("%d trials of this worker failed; stopping it", failed[0])
+            break
+        try:
+            study.optimize(objective, n_trials=total, timeout=remaining,
+                           catch=(torch.OutOfMemoryError,),
+                           callbacks=[stop_at_cap, count_failures])
+            waiting_since = None
+        except TrialCapReached:
+            running = [t.number for t in study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.info("cap of %d trials reached; waiting for running trials %s (a dead "
+                         "worker's trial is failed after %d s without heartbeat and retried "
+                         "here)", total, running, study_file.settings.grace_period_s)
+            pause = float(study_file.settings.heartbeat_interval_s)
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
     return study
+
+
+def validate_layers_of(study_file: StudyFile) -> None:
+    """The latent layers of the trial and launch configs are ReLU outputs of the network."""
+    for cfg in (study_file.trial_config(study_file.published_knobs()),
+                study_file.launch_config(study_file.published_knobs())):
+        try:
+            validate_layers(cfg, make_net(cfg))
+        except ConfigError as err:
+            raise ConfigError(f"{study_file.path}: {err}") from None
 
 
 def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str) -> None:
@@ -311,7 +516,9 @@ def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str) 
               f"--storage {redact(storage_url)} --launch-best")
     except LookupError as err:
         print(err)
-    print(f"look at it: optuna-dashboard {redact(storage_url)}")
+    artifacts = study.user_attrs.get("artifact_dir")
+    print(f"look at it: optuna-dashboard {redact(storage_url)}"
+          + (f" --artifact-dir {artifacts}" if artifacts else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    # Heartbeat and retry are "experimental" in Optuna; the tool relies on them on purpose.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
 
@@ -340,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         study_file = load_study_file(args.study, args.overrides)
+        validate_layers_of(study_file)  # before anything touches the storage
         if args.launch_best:
             from pipeline.launch import launch
 

@@ -15,9 +15,12 @@ Both classes share one method set: ``affine``, ``relu``, ``concretize``; the lay
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -130,49 +133,248 @@ class Zonotope:
         return self.center + torch.einsum("bk,bk...->b...", coefficients, self.generators)
 
 
-@dataclass
 class ProjectedZonotope:
     """Zonotope whose generator groups are replaced by ``k`` Cauchy projections each.
 
-    ``projections`` (B, G*k, *S) holds the k projections of every noise group stacked along dim 1
-    (one affine call per layer for all groups together).
+    The groups are the input box and one per ReLU. ``groups[g]`` (B, k, *S) holds the k
+    projections of group g; ``projections`` (B, G*k, *S) is all of them stacked along dim 1
+    (built on demand). Keeping the groups apart lets a ReLU scale the old groups in place and
+    append a new one without copying, and each median works on one group.
+
+    On the CPU in float32, image-shaped projections live in channels-last memory order (oneDNN's
+    fast convolution layout); the values and logical shapes are the same either way.
     """
 
-    center: Tensor
-    projections: Tensor
-    k: int
+    def __init__(self, center: Tensor, projections: Tensor | None, k: int,
+                 groups: list[Tensor] | None = None) -> None:
+        if groups is None:
+            if projections is None:
+                raise ValueError("ProjectedZonotope needs projections or groups")
+            if projections.shape[1] % k:
+                raise ValueError(f"{projections.shape[1]} projections are not groups of k={k}")
+            groups = list(projections.split(k, dim=1))
+        self.center = center
+        self.k = k
+        self.groups = list(groups)
+
+    def __repr__(self) -> str:
+        return (f"ProjectedZonotope(center={tuple(self.center.shape)}, k={self.k}, "
+                f"groups={len(self.groups)})")
+
+    @property
+    def projections(self) -> Tensor:
+        return self.groups[0] if len(self.groups) == 1 else torch.cat(self.groups, 1)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
 
     @classmethod
     def from_bounds(cls, lower: Tensor, upper: Tensor, k: int,
                     generator: torch.Generator | None = None) -> "ProjectedZonotope":
         radius = (upper - lower) / 2
-        cauchy = _cauchy((radius.shape[0], k, *radius.shape[1:]), radius, generator)
-        return cls((upper + lower) / 2, cauchy * radius.unsqueeze(1), k)
+        return cls((upper + lower) / 2, None, k, [_cauchy_scaled(radius, k, generator)])
 
     def affine(self, layer: AffineLayer) -> "ProjectedZonotope":
-        b, n = self.projections.shape[:2]
-        proj = layer.linear(self.projections.reshape(b * n, *self.projections.shape[2:]))
-        return ProjectedZonotope(layer(self.center), proj.reshape(b, n, *proj.shape[1:]), self.k)
+        """Each group through the linear part (one batched call per group), the centre with bias."""
+        groups = [_linear_images(layer, g) for g in self.groups]
+        return ProjectedZonotope(layer(self.center), None, self.k, groups)
 
     def concretize(self) -> tuple[Tensor, Tensor]:
-        b, n = self.projections.shape[:2]
-        groups = self.projections.reshape(b, n // self.k, self.k, *self.projections.shape[2:])
         # Median of |projection| estimates each group's L1 norm; clamp as COLT does (±1e10).
-        radius = groups.abs().clamp_max(1e10).median(dim=2).values.sum(1)
+        radius = _median_abs(self.groups[0])
+        for g in self.groups[1:]:
+            radius = radius + _median_abs(g)
         return self.center - radius, self.center + radius
 
     def relu(self, slope: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
-             generator: torch.Generator | None = None
-             ) -> tuple["ProjectedZonotope", tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+             generator: torch.Generator | None = None, *, output: bool = True,
+             inplace: bool = False
+             ) -> tuple["ProjectedZonotope | None", tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The ReLU band: old groups scaled by λ, a new group of k Cauchy projections of μ.
+
+        ``output=False`` returns ``None`` for the element (only the bounds and the relaxation are
+        wanted, e.g. at the last layer of a region): no projections are scaled or drawn.
+        ``inplace=True`` scales this element's groups in place when no gradient needs them (for
+        a propagation that owns its intermediate elements).
+        """
         lower, upper = self.concretize()
         if bounds is not None:
             lower, upper = torch.maximum(lower, bounds[0]), torch.minimum(upper, bounds[1])
         lam, mu = relu_relaxation(lower, upper, slope)
+        if not output:
+            return None, (lower, upper), (lam, mu)
         center = lam * self.center + mu
-        proj = lam.unsqueeze(1) * self.projections
-        new = _cauchy((mu.shape[0], self.k, *mu.shape[1:]), mu, generator) * mu.unsqueeze(1)
-        return (ProjectedZonotope(center, torch.cat([proj, new], 1), self.k),
-                (lower, upper), (lam, mu))
+        lam_k = lam.unsqueeze(1)
+        groups = [g.mul_(lam_k) if inplace and not _needs_grad(g, lam_k) else g * lam_k
+                  for g in self.groups]
+        groups.append(_cauchy_scaled(mu, self.k, generator))
+        return ProjectedZonotope(center, None, self.k, groups), (lower, upper), (lam, mu)
+
+
+# Projections are clamped to ±1e10 before their median (COLT); median(min(|p|, c)) equals
+# min(median(|p|), c), so the clamp is applied to the median.
+_CLAMP = 1e10
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fast_layout(t: Tensor, dim: int | None = None) -> bool:
+    """Image-shaped (5-d) float32 projections on the CPU are kept channels-last."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32
+            and (t.dim() if dim is None else dim) == 5)
+
+
+def _empty_projections(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Uninitialised (B, k, C, H, W) tensor, channels-last per image where that is fast."""
+    if _fast_layout(like, len(shape)):
+        b, k, *chw = shape
+        return torch.empty((b * k, *chw), dtype=like.dtype, device=like.device,
+                           memory_format=torch.channels_last).view(shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _cauchy_scaled(scale: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """``_cauchy((B, k, *S)) * scale.unsqueeze(1)``: the same draws in the same order.
+
+    On the CPU without gradient it is drawn in slices of the batch (the CPU generator gives the
+    same stream in pieces), each finished while it is in the cache, into the output's layout.
+    """
+    shape = (scale.shape[0], k, *scale.shape[1:])
+    if _needs_grad(scale) or scale.device.type != "cpu":
+        u = torch.rand(shape, dtype=scale.dtype, device=scale.device, generator=generator)
+        return u.sub_(0.5).mul_(torch.pi).tan_() * scale.unsqueeze(1)  # tan(π (u - 1/2))
+    out = _empty_projections(shape, scale)
+    rows = max(1, _CAUCHY_CHUNK // max(1, out[0].numel()))
+    for b0 in range(0, shape[0], rows):
+        b1 = min(shape[0], b0 + rows)
+        u = torch.rand((b1 - b0, *shape[1:]), dtype=scale.dtype, generator=generator)
+        torch.mul(u.sub_(0.5).mul_(torch.pi).tan_(), scale[b0:b1].unsqueeze(1), out=out[b0:b1])
+    return out
+
+
+_CAUCHY_CHUNK = 1 << 20  # values per slice
+
+
+def _linear_images(layer: AffineLayer, g: Tensor) -> Tensor:
+    b, k = g.shape[:2]
+    x = g.reshape(b * k, *g.shape[2:])
+    if x.dim() == 4 and _fast_layout(g) and isinstance(layer, torch.nn.Conv2d):
+        x = _channels_last(x)
+    out = layer.linear(x)
+    return out.reshape(b, k, *out.shape[1:])
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) in channels-last order. With C = 1 both orders are the same memory, but
+    only explicit channels-last strides make the convolution choose (and return) that layout."""
+    n, c, h, w = x.shape
+    if c == 1 and x.is_contiguous():
+        return x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _median_abs(p: Tensor) -> Tensor:
+    """min(lower median over dim 1 of |p|, 1e10) for p (B, k, *S): the value and gradient of
+    ``p.abs().clamp_max(1e10).median(1).values``, whose gradient goes to the selected element."""
+    if _needs_grad(p):
+        return _MedianAbs.apply(p)
+    return _median_abs_values(p)[0].clamp_max(_CLAMP)
+
+
+class _MedianAbs(torch.autograd.Function):
+    """The median with a cheap backward: d|p_sel|/dp = sign(p_sel) at the selected element.
+
+    Ties between non-zero values (a measure-zero event for Cauchy draws) would give each tied
+    element the gradient; torch.median picks one of them.
+    """
+
+    @staticmethod
+    def forward(ctx, p: Tensor) -> Tensor:  # type: ignore[override]
+        m, signs = _median_abs_values(p.detach(), want_signs=True)
+        ctx.signs, ctx.unclamped = signs, m <= _CLAMP
+        return m.clamp_max(_CLAMP)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = torch.where(ctx.unclamped, grad, torch.zeros((), dtype=grad.dtype,
+                                                             device=grad.device))
+        return ctx.signs.to(grad.dtype) * grad.unsqueeze(1)
+
+
+_MEDIAN_BLOCK = 1024  # columns per block: the block (k × 1024 values) stays in the L2 cache
+
+
+def _median_abs_values(p: Tensor, want_signs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Lower median over dim 1 of |p| (B, k, *S), no gradient; with ``want_signs`` also the
+    sign of p where |p| is the median, 0 elsewhere (int8, shaped as p)."""
+    k = p.shape[1]
+    mid = (k - 1) // 2
+    if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) or p.numel() == 0:
+        a = p.abs()
+        m = a.median(dim=1).values
+        if not want_signs:
+            return m, None
+        return m, torch.where(a == m.unsqueeze(1), p.sign(), 0).to(torch.int8)
+    # numpy's partition (a SIMD quickselect, values only) is several times faster than
+    # torch.median on the CPU (NaNs: numpy sorts them last, torch.median returns them; finite
+    # weights and inputs give no NaN). Walk the memory in its physical order: trailing dims
+    # by stride.
+    tail = sorted(range(2, p.dim()), key=lambda d: -p.stride(d))
+    q = p.permute(0, 1, *tail)
+    if not q.is_contiguous():
+        q = q.contiguous()
+    b, n = q.shape[0], q[0, 0].numel()
+    a = q.numpy().reshape(b, k, n)
+    med = np.empty((b, n), dtype=a.dtype)
+    signs = np.empty((b, k, n), dtype=np.int8) if want_signs else None
+    _partition_blocks(a, med, signs, mid)
+    back = [0] + [1 + tail.index(d) for d in range(2, p.dim())]
+    m = torch.from_numpy(med).view(b, *q.shape[2:]).permute(*back)
+    if signs is None:
+        return m, None
+    return m, torch.from_numpy(signs).view(q.shape).permute(0, 1, *[i + 1 for i in back[1:]])
+
+
+def _partition_blocks(a: np.ndarray, med: np.ndarray, signs: np.ndarray | None,
+                      mid: int) -> None:
+    """med[i, j] = the (mid+1)-th smallest of |a[i, :, j]|; signs as in _median_abs_values."""
+    b, k, n = a.shape
+    blocks = [(i, j) for i in range(b) for j in range(0, n, _MEDIAN_BLOCK)]
+
+    def work(part: list[tuple[int, int]]) -> None:
+        buf = np.empty((_MEDIAN_BLOCK, k), dtype=a.dtype)
+        for i, j0 in part:
+            j1 = min(n, j0 + _MEDIAN_BLOCK)
+            block = a[i, :, j0:j1]
+            w = buf[: j1 - j0]
+            np.abs(block.T, out=w)  # (columns, k): one contiguous row per median
+            w.partition(mid, axis=1)
+            row = med[i, j0:j1]
+            row[...] = w[:, mid]
+            if signs is not None:
+                sel = np.abs(block) == row
+                np.multiply(np.sign(block), sel, out=signs[i, :, j0:j1], casting="unsafe")
+
+    threads = min(torch.get_num_threads(), len(blocks))
+    if threads <= 1 or a.size < 1 << 20:
+        work(blocks)
+        return
+    step = -(-len(blocks) // threads)
+    list(_pool(threads).map(work, [blocks[s:s + step] for s in range(0, len(blocks), step)]))
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), threads)  # a forked child needs its own threads
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="median")
+    return _POOLS[key]
 
 
 def _cauchy(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -1,0 +1,881 @@
+"""COLT's certification cascade, one input at a time, and a batched cheap version for tuning.
+
+Per input (reference §4.1, reordered so that the common case is cheap):
+
+1. clean prediction (float64): a wrong one is "misclassified";
+2. a quick input attack (``pgd_quick_restarts`` x ``pgd_quick_steps``, restarts batched);
+3. the zonotope (DeepZ) in float64 - it alone certifies most inputs of a COLT network;
+4. per-neuron ReLU slopes λ ∈ [0, 1] optimised by Adam on the worst-case margins (COLT's
+   learn_slopes: DeepZ start, lr ``slope_lr``, StepLR(``slope_lr_step``, 0.1), clamp, early exit),
+   in float32 for speed; a margin counts only when recomputed in float64 with the same λ (any
+   λ ∈ [0, 1] is sound);
+5. the full attack (``pgd_restarts`` x ``pgd_steps``, one batch);
+6. LP tightening of the ReLU bounds (``lp_refine``);
+7. one MILP per adversarial label still open (exact zonotope at ``milp_layer``, binaries for the
+   highest-priority unstable ReLUs, early termination on the sign).
+
+A counterexample counts only after a float64 forward pass confirms it inside the box; a certificate
+only when every label's float64 (or solver-proved) lower bound exceeds ``margin_tolerance``.
+Non-finite inputs, weights or bounds are never certified; a timeout is "unknown".
+
+    certifier = Certifier(net, CertifyConfig())
+    result = certifier.certify(x, label, eps=0.1, index=0)     # x: (C, H, W) in [0, 1]
+    result.status, result.method, result.time_s
+
+    certified_accuracy(net, (images, labels), eps, cfg, max_inputs=500)  # nat / pgd / cert counts
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.certify.milp import (
+    EncodingError,
+    GeneratorCompression,
+    MilpEncoder,
+    ZonotopeRun,
+    lp_tighten,
+    run_zonotope,
+    solve_disjunct,
+)
+from pipeline.config import CertifyConfig
+from pipeline.domains.zonotope import Zonotope, input_box
+from pipeline.nets import Net
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("certified", "falsified", "unknown", "misclassified")
+# Deciding stages, in cascade order ("nonfinite": NaN/inf in the input, weights or bounds).
+METHODS = ("clean", "pgd", "zonotope", "zonotope_slopes", "lp", "milp", "timeout", "nonfinite")
+# How far below the per-input memory budget a batch of zonotopes must stay (bytes).
+ZONOTOPE_MEMORY_BUDGET = 1 << 30
+
+
+class CertifyError(ValueError):
+    """An input that does not fit the network (shape), an empty box or a negative ε."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class CertifyResult:
+    """The outcome for one input. ``bounds`` maps each adversarial label (or disjunct index of a
+    general property) to the best proved lower bound of its margin."""
+
+    index: int
+    label: int
+    predicted: int
+    status: str = "unknown"
+    method: str = ""
+    time_s: float = 0.0
+    counterexample: list[float] | None = None
+    bounds: dict[int, float] = field(default_factory=dict)
+    stage_times: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "label": self.label,
+                               "predicted": self.predicted, "status": self.status,
+                               "method": self.method, "time_s": round(self.time_s, 4)}
+        if self.status == "falsified":
+            out["counterexample"] = self.counterexample
+        out["bounds"] = {str(k): (v if math.isfinite(v) else None)
+                         for k, v in sorted(self.bounds.items())}
+        out["stages"] = {k: round(v, 4) for k, v in self.stage_times.items()}
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+def vnn_answer(result: CertifyResult) -> str:
+    """VNN-COMP's answer: sat (a counterexample), unsat (verified), timeout or unknown."""
+    if result.status in ("falsified", "misclassified") and result.counterexample is not None:
+        return "sat"
+    if result.status == "certified":
+        return "unsat"
+    return "timeout" if result.method == "timeout" else "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties
+
+
+@dataclass
+class Spec:
+    """Unsafe outputs: the union over disjuncts k of {y : A_i y <= b_i for every row i of k}.
+
+    Rows of all disjuncts are stacked: ``A`` (R, n) or per input (B, R, n), ``b`` (R,) or (B, R),
+    ``owner`` (R,) the disjunct of each row. A disjunct's margin is max_i (A_i y - b_i): the point
+    is safe for it iff the margin is > 0. ``strict``: a counterexample needs a margin < 0 (a
+    misclassification) rather than <= 0 (VNN-LIB's non-strict inequalities).
+    """
+
+    A: Tensor
+    b: Tensor
+    owner: Tensor
+    n_disjuncts: int
+    strict: bool
+    labels: Tensor | None = None  # (B,) for robustness (enables the CE attack loss)
+    names: list[int] | None = None  # per disjunct: the adversarial label (single input)
+
+    @classmethod
+    def robustness(cls, labels: Tensor, n_classes: int, strict: bool = True) -> "Spec":
+        """Disjunct k of input b: y_{a_k} >= y_{label_b}, for the labels a_k != label_b."""
+        labels = labels.reshape(-1).to(torch.int64).cpu()
+        bsz = labels.shape[0]
+        eye = torch.eye(n_classes, dtype=torch.float64)
+        others = torch.stack([torch.tensor([a for a in range(n_classes) if a != int(y)])
+                              for y in labels])  # (B, n-1)
+        A = eye[labels].unsqueeze(1) - eye[others]  # (B, n-1, n): e_y - e_a
+        names = others[0].tolist() if bsz == 1 else None
+        return cls(A, torch.zeros(bsz, n_classes - 1, dtype=torch.float64),
+                   torch.arange(n_classes - 1), n_classes - 1, strict, labels, names)
+
+    @classmethod
+    def disjunctive(cls, disjuncts: Iterable[Any], strict: bool = False) -> "Spec":
+        """From (A, b) pairs or objects with ``.A``/``.b`` (VNN-LIB disjuncts)."""
+        rows, offsets, owner = [], [], []
+        for k, d in enumerate(disjuncts):
+            a, b = (d.A, d.b) if hasattr(d, "A") else d
+            a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_1d(np.asarray(b, float))
+            rows.append(a)
+            offsets.append(b)
+            owner += [k] * len(a)
+        if not rows:
+            raise CertifyError("the property has no disjunct")
+        return cls(torch.as_tensor(np.concatenate(rows)), torch.as_tensor(np.concatenate(offsets)),
+                   torch.as_tensor(owner, dtype=torch.int64), len(rows), strict, None,
+                   list(range(len(rows))))
+
+    def to(self, device: torch.device) -> "Spec":
+        return Spec(self.A.to(device), self.b.to(device), self.owner.to(device), self.n_disjuncts,
+                    self.strict, None if self.labels is None else self.labels.to(device),
+                    self.names)
+
+    def select(self, idx: Tensor) -> "Spec":
+        """The spec of a subset of the inputs (per-input A/b only)."""
+        if self.A.dim() == 2:
+            return self
+        return Spec(self.A[idx], self.b[idx], self.owner, self.n_disjuncts, self.strict,
+                    None if self.labels is None else self.labels[idx], self.names)
+
+    def disjunct(self, k: int, item: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rows = (self.owner == k).nonzero().reshape(-1)
+        a = self.A if self.A.dim() == 2 else self.A[item]
+        b = self.b if self.b.dim() == 1 else self.b[item]
+        return a[rows].cpu().numpy(), b[rows].cpu().numpy()
+
+    def _reduce(self, rows: Tensor) -> Tensor:
+        out = torch.full((rows.shape[0], self.n_disjuncts), -math.inf, dtype=rows.dtype,
+                         device=rows.device)
+        return out.scatter_reduce(1, self.owner.to(rows.device).expand_as(rows), rows, "amax")
+
+    def margins(self, y: Tensor) -> Tensor:
+        """(B, D) margin of each disjunct at outputs y (B, n); B may be a multiple of the spec's
+        batch (restarts of one input are consecutive)."""
+        a, b = self._expand(y.shape[0], y.dtype)
+        return self._reduce(torch.einsum("bn,brn->br", y, a) - b)
+
+    def lower(self, element: Zonotope) -> Tensor:
+        """(B, D) lower bounds of the disjunct margins over a zonotope of outputs."""
+        center = element.center.reshape(element.center.shape[0], -1)
+        gens = element.generators.reshape(*element.generators.shape[:2], -1)
+        a, b = self._expand(center.shape[0], center.dtype)
+        radius = torch.einsum("bkn,brn->bkr", gens, a).abs().sum(1)
+        return self._reduce(torch.einsum("bn,brn->br", center, a) - b - radius)
+
+    def violated(self, y: Tensor) -> Tensor:
+        m = self.margins(y).min(1).values
+        return m < 0 if self.strict else m <= 0
+
+    def _expand(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        a, b = self.A.to(dtype), self.b.to(dtype)
+        if a.dim() == 2:
+            return a.unsqueeze(0).expand(batch, *a.shape), b.unsqueeze(0).expand(batch, -1)
+        rep = batch // a.shape[0]
+        return a.repeat_interleave(rep, 0), b.repeat_interleave(rep, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The certifier
+
+
+@dataclass
+class _SlopeOutcome:
+    bounds: Tensor  # (B, D) best float64 lower bounds proved
+    verified: Tensor  # (B, D)
+    slopes: dict[int, Tensor]  # float64, the best λ per image (for the MILP)
+    priority: dict[int, Tensor]  # |∂loss/∂λ| of the last step
+    iterations: int
+
+
+class Certifier:
+    """The cascade for one network: float32 and float64 copies, the generator compression and
+    the MILP matrices are prepared once and reused for every input."""
+
+    def __init__(self, net: Net, cfg: CertifyConfig | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg or CertifyConfig()
+        self.device = torch.device(device)
+        self.net32 = _frozen_copy(net, torch.float32, self.device)
+        self.net64 = _frozen_copy(net, torch.float64, self.device)
+        self.input_shape = tuple(net.input_shape)
+        self.finite = all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
+                          if t.is_floating_point())
+        self.relu_indices = self.net64.relu_indices
+        with torch.no_grad():
+            out = self.net64(torch.zeros(1, *self.input_shape, dtype=torch.float64,
+                                         device=self.device))
+        self.n_outputs = out.shape[1]
+        self.compression = _compression(self.net64) if self.finite else None
+        if self.compression is not None:
+            self.compression = _to_device(self.compression, self.device)
+        self.encoder = MilpEncoder(self.net64)
+
+    # -- public entry points -------------------------------------------------------------------
+
+    def certify(self, x: Tensor | np.ndarray, label: int, eps: float, index: int = 0
+                ) -> CertifyResult:
+        """Robustness of ``x`` (in [0, 1] pixel space) in the L∞ ball of ``eps`` clipped to
+        [0, 1]."""
+        if not eps >= 0:
+            raise CertifyError(f"eps = {eps}: must be >= 0")
+        x64 = self._input(x)
+        lower, upper = input_box(x64, eps)
+        return self._certify(x64, lower, upper, self._robustness(label), index, label)
+
+    def certify_box(self, x: Tensor | np.ndarray | None, lower: Tensor | np.ndarray,
+                    upper: Tensor | np.ndarray, label: int, index: int = 0,
+                    strict: bool = True) -> CertifyResult:
+        """Robustness over an arbitrary box (e.g. a VNN-LIB one in normalised space); ``x`` is
+        the clean point (the box centre when None). ``strict=False``: a tie is a counterexample
+        (VNN-LIB's ``Y_j >= Y_label``)."""
+        lower, upper = self._input(lower), self._input(upper)
+        x64 = (lower + upper) / 2 if x is None else self._input(x)
+        return self._certify(x64, lower, upper, self._robustness(label, strict), index, label)
+
+    def _robustness(self, label: int, strict: bool = True) -> Spec:
+        if not 0 <= int(label) < self.n_outputs:
+            raise CertifyError(f"label {label} outside 0..{self.n_outputs - 1}")
+        return Spec.robustness(torch.tensor([int(label)]), self.n_outputs, strict)
+
+    def verify_property(self, lower: Tensor | np.ndarray, upper: Tensor | np.ndarray,
+                        disjuncts: Iterable[Any], index: int = 0) -> CertifyResult:
+        """A general disjunctive property (VNN-LIB): "certified" = no point of the box reaches
+        any disjunct's region; "falsified" = a confirmed point that does."""
+        lower, upper = self._input(lower), self._input(upper)
+        spec = Spec.disjunctive(disjuncts)
+        if spec.A.shape[1] != self.n_outputs:
+            raise CertifyError(f"the property is over {spec.A.shape[1]} outputs, the network "
+                               f"has {self.n_outputs}")
+        return self._certify((lower + upper) / 2, lower, upper, spec, index, -1)
+
+    # -- the cascade ---------------------------------------------------------------------------
+
+    def _input(self, t: Tensor | np.ndarray) -> Tensor:
+        t = torch.as_tensor(np.array(t) if isinstance(t, np.ndarray) else t)
+        t = t.to(self.device, torch.float64)
+        if t.numel() != int(np.prod(self.input_shape)):
+            raise CertifyError(f"input of {t.numel()} values (shape {tuple(t.shape)}) does not "
+                               f"fit the network's input shape {self.input_shape}")
+        return t.reshape(1, *self.input_shape)
+
+    def _certify(self, x: Tensor, lower: Tensor, upper: Tensor, spec: Spec, index: int,
+                 label: int) -> CertifyResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.timeout_per_input_s
+        res = CertifyResult(index, label, -1)
+        spec = spec.to(self.device)
+        names = spec.names or list(range(spec.n_disjuncts))
+        best = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
+        todo = torch.ones(spec.n_disjuncts, dtype=torch.bool)
+        timer = _Timer(res)
+
+        def finish(status: str, method: str, message: str = "") -> CertifyResult:
+            res.status, res.method, res.message = status, method, message
+            res.bounds = {names[k]: float(best[k]) for k in range(spec.n_disjuncts)}
+            res.time_s = time.perf_counter() - t0
+            return res
+
+        def record(bounds: Tensor, stage: str) -> bool:
+            """Merge proved bounds; True when every disjunct is verified."""
+            bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
+            finite = torch.isfinite(bounds)
+            best[finite] = torch.maximum(best[finite], bounds[finite])
+            todo[finite & (bounds > cfg.margin_tolerance)] = False
+            return not bool(todo.any())
+
+        if bool((lower > upper).any()):
+            raise CertifyError("empty input box (a lower bound above its upper bound)")
+        finite_in = all(bool(torch.isfinite(t).all()) for t in (x, lower, upper))
+        with timer("clean"), torch.no_grad():
+            logits = self.net64(x)
+        if finite_in and bool(torch.isfinite(logits).all()):
+            res.predicted = int(logits.argmax(1))
+        if not (finite_in and self.finite and bool(torch.isfinite(logits).all())):
+            return finish("unknown", "nonfinite", "NaN or inf in the input, box or weights")
+        if spec.labels is not None:
+            if res.predicted != label:
+                res.counterexample = x.reshape(-1).tolist()  # the clean point itself
+                return finish("misclassified", "clean")
+        elif bool(spec.violated(logits)) and _inside(x, lower, upper):
+            res.counterexample = x.reshape(-1).tolist()
+            return finish("falsified", "clean")
+
+        # 2. A cheap attack first: a counterexample makes every later stage unnecessary.
+        if cfg.pgd_quick_restarts > 0:
+            with timer("pgd_quick"):
+                cex = self._attack(lower, upper, spec, cfg.pgd_quick_restarts,
+                                   cfg.pgd_quick_steps,
+                                   cfg.pgd_step_size * cfg.pgd_steps / cfg.pgd_quick_steps,
+                                   seed=cfg.seed + index)
+            if cex is not None:
+                res.counterexample = cex
+                return finish("falsified", "pgd")
+
+        # 3. DeepZ in float64.
+        with timer("zonotope"), torch.no_grad():
+            run = run_zonotope(self.net64, lower, upper, compression=self.compression)
+            if record(spec.lower(run.element)[0], "zonotope"):
+                return finish("certified", "zonotope")
+        if time.perf_counter() > deadline:
+            return finish("unknown", "timeout")
+        # Every later zonotope intersects its ReLU bounds with the best ones known so far (any
+        # valid bound may be used: λ then relaxes a smaller interval).
+        known = {r: (lo.detach(), up.detach()) for r, (lo, up) in run.pre_bounds.items()}
+
+        # 4. Optimised slopes.
+        slopes: dict[int, Tensor] | None = None
+        priority: dict[int, Tensor] | None = None
+        if cfg.slope_iters > 0 and self.relu_indices:
+            with timer("zonotope_slopes"):
+                out = self._optimise_slopes(lower, upper, spec, todo.view(1, -1).to(self.device),
+                                            run, deadline, refined=known)
+                slopes, priority = out.slopes, out.priority
+                known = self._tighter(lower, upper, slopes, known)
+            if record(out.bounds[0], "zonotope_slopes"):
+                return finish("certified", "zonotope_slopes")
+            if time.perf_counter() > deadline:
+                return finish("unknown", "timeout")
+
+        # 5. The full attack.
+        if cfg.pgd_restarts > 0:
+            with timer("pgd"):
+                cex = self._attack(lower, upper, spec, cfg.pgd_restarts, cfg.pgd_steps,
+                                   cfg.pgd_step_size, seed=cfg.seed + index + 7919,
+                                   deadline=deadline)
+            if cex is not None:
+                res.counterexample = cex
+                return finish("falsified", "pgd")
+            if time.perf_counter() > deadline:
+                return finish("unknown", "timeout")
+
+        # 6. LP tightening of the ReLU bounds the MILP takes from the zonotope, then slopes
+        # again with them (warm start).
+        if cfg.lp_refine and self._lp_layers():
+            try:
+                with timer("lp"):
+                    known = self._lp_refine(lower, upper, slopes, known, priority, deadline)
+                    with torch.no_grad():
+                        run = run_zonotope(self.net64, lower, upper, slopes=slopes,
+                                           refined=known, compression=self.compression)
+                    done = record(spec.lower(run.element)[0], "lp")
+                    if not done and slopes is not None and time.perf_counter() < deadline:
+                        out = self._optimise_slopes(
+                            lower, upper, spec, todo.view(1, -1).to(self.device), run, deadline,
+                            refined=known, init={r: s_.float() for r, s_ in slopes.items()})
+                        slopes, priority = out.slopes, out.priority or priority
+                        known = self._tighter(lower, upper, slopes, known)
+                        done = record(out.bounds[0], "lp")
+                if done:
+                    return finish("certified", "lp")
+            except EncodingError as err:
+                return finish("unknown", "nonfinite", str(err))
+            if time.perf_counter() > deadline:
+                return finish("unknown", "timeout")
+
+        # 7. One MILP per disjunct still open, from the last ReLU layer's input first and, where
+        # that fails, from deeper starts (milp_layer -1), while time remains.
+        if cfg.milp:
+            outcome = "failed"
+            try:
+                with timer("milp"):
+                    for start in self._milp_starts():
+                        outcome = self._milp(lower, upper, spec, start, todo, best, slopes,
+                                             known, priority, deadline, record)
+                        if outcome != "failed":
+                            break
+            except EncodingError as err:
+                return finish("unknown", "nonfinite", str(err))
+            if outcome == "certified":
+                return finish("certified", "milp")
+            if outcome == "timeout" or time.perf_counter() > deadline:
+                return finish("unknown", "timeout")
+            return finish("unknown", "milp")
+        last = "lp" if cfg.lp_refine and self._lp_layers() else \
+            ("zonotope_slopes" if slopes is not None else "zonotope")
+        return finish("unknown", last)
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _attack(self, lower: Tensor, upper: Tensor, spec: Spec, restarts: int, steps: int,
+                step_size: float, seed: int, deadline: float | None = None) -> list[float] | None:
+        found, points = self.attack_batch(lower, upper, spec, restarts, steps, step_size, seed,
+                                          deadline)
+        return points[0].reshape(-1).tolist() if bool(found[0]) else None
+
+    def attack_batch(self, lower: Tensor, upper: Tensor, spec: Spec, restarts: int, steps: int,
+                     step_size: float, seed: int = 0, deadline: float | None = None
+                     ) -> tuple[Tensor, Tensor]:
+        """PGD in the box, all restarts of all inputs in one batch, on the coefficients in
+        [-1, 1] (step in their units). Half of the restarts of a robustness spec minimise the
+        margin, half maximise the cross-entropy. Returns (found (B,), point (B, ...) float64):
+        a point counts only when a float64 forward pass confirms the violation inside the box."""
+        bsz = lower.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        center64, radius64 = (upper + lower) / 2, (upper - lower) / 2
+        c = center64.float().repeat_interleave(restarts, 0)
+        r = radius64.float().repeat_interleave(restarts, 0)
+        found = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        best = center64.clone()
+        coeff = 2 * torch.rand(c.shape, generator=gen, device=self.device) - 1
+        use_ce = torch.zeros(bsz * restarts, dtype=torch.bool, device=self.device)
+        labels = None
+        if spec.labels is not None:
+            use_ce[1::2] = True
+            labels = spec.labels.to(self.device).repeat_interleave(restarts, 0)
+        for step in range(steps + 1):
+            with torch.enable_grad():
+                coeff.requires_grad_(True)
+                logits = self.net32(c + r * coeff)
+                margin = spec.margins(logits).min(1).values
+                objective = margin
+                if labels is not None:
+                    ce = F.cross_entropy(logits, labels, reduction="none")
+                    objective = torch.where(use_ce, -ce, margin)
+                grad = None
+                if step < steps:
+                    (grad,) = torch.autograd.grad(objective.sum(), coeff)
+            with torch.no_grad():
+                cand = (margin < 0) if spec.strict else (margin <= 0)
+                cand &= ~found.repeat_interleave(restarts, 0)
+                if bool(cand.any()):
+                    self._confirm(cand, coeff, center64, radius64, lower, upper, spec, restarts,
+                                  found, best)
+                if bool(found.all()) or grad is None:
+                    break
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                coeff = (coeff.detach() - step_size * grad.sign()).clamp(-1, 1)
+        return found, best
+
+    def _confirm(self, cand: Tensor, coeff: Tensor, center64: Tensor, radius64: Tensor,
+                 lower: Tensor, upper: Tensor, spec: Spec, restarts: int, found: Tensor,
+                 best: Tensor) -> None:
+        idx = cand.nonzero().reshape(-1)
+        owner = idx // restarts
+        point = (center64[owner] + radius64[owner] * coeff.detach()[idx].double())
+        point = torch.maximum(torch.minimum(point, upper[owner]), lower[owner])
+        y = self.net64(point)
+        sub = spec.select(owner) if spec.A.dim() == 3 else spec
+        ok = sub.violated(y) & torch.isfinite(y).all(1)
+        for j in ok.nonzero().reshape(-1).tolist():
+            b = int(owner[j])
+            if not found[b]:
+                found[b] = True
+                best[b] = point[j]
+
+    def _optimise_slopes(self, lower: Tensor, upper: Tensor, spec: Spec, todo: Tensor,
+                         run: ZonotopeRun, deadline: float | None,
+                         refined: dict[int, tuple[Tensor, Tensor]] | None = None,
+                         iterations: int | None = None,
+                         init: dict[int, Tensor] | None = None) -> _SlopeOutcome:
+        """COLT's learn_slopes for a batch: Adam on λ (float32) against the worst-case margins of
+        the open disjuncts; candidates are re-checked in float64 (the only bounds that count)."""
+        cfg = self.cfg
+        tol = cfg.margin_tolerance
+        bsz = lower.shape[0]
+        lo32, up32 = lower.float(), upper.float()
+        refined = refined or {}
+        refined32 = {r: (lo.float(), up.float()) for r, (lo, up) in refined.items()}
+        start = init if init is not None else {r: lam for r, (lam, _) in run.relaxations.items()}
+        params = {r: lam.detach().float().clone().requires_grad_(True)
+                  for r, lam in start.items()}
+        opt = torch.optim.Adam(list(params.values()), lr=cfg.slope_lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(cfg.slope_lr_step, 1),
+                                                gamma=0.1)
+        pending = todo.clone()
+        bounds = torch.full(pending.shape, -math.inf, dtype=torch.float64, device=self.device)
+        verified = torch.zeros_like(pending)
+        best_score = torch.full((bsz,), -math.inf, device=self.device)
+        best = {r: p.detach().clone() for r, p in params.items()}
+        last_check = torch.full((bsz,), -10**9, dtype=torch.int64)
+        priority: dict[int, Tensor] = {}
+
+        def check(idx: Tensor, slopes: dict[int, Tensor]) -> None:
+            with torch.no_grad():
+                out = run_zonotope(self.net64, lower[idx], upper[idx],
+                                   slopes={r: s[idx].double() for r, s in slopes.items()},
+                                   refined={r: (lo[idx], up[idx])
+                                            for r, (lo, up) in refined.items()},
+                                   compression=self.compression)
+                lb = spec.select(idx).lower(out.element)
+            ok = torch.isfinite(lb)
+            bounds[idx] = torch.where(ok, torch.maximum(bounds[idx], lb), bounds[idx])
+            verified[idx] |= ok & (lb > tol)
+            pending[idx] &= ~verified[idx]
+
+        it = 0
+        best_loss, best_at = math.inf, 0
+        for it in range(cfg.slope_iters if iterations is None else iterations):
+            if not bool(pending.any()) or (deadline is not None and time.perf_counter() > deadline):
+                break
+            out = run_zonotope(self.net32, lo32, up32, slopes=params, refined=refined32,
+                               compression=self.compression)
+            lb = spec.lower(out.element)  # (B, D) float32
+            neg = torch.where(pending, -lb, torch.full_like(lb, -math.inf))
+            loss = torch.logsumexp(torch.cat([torch.zeros_like(lb[:, :1]), neg], 1), 1)
+            with torch.no_grad():
+                score = torch.where(pending, lb, torch.full_like(lb, math.inf)).min(1).values
+                better = (score > best_score) & pending.any(1)
+                if bool(better.any()):
+                    for r, p in params.items():
+                        best[r][better] = p.detach()[better]
+                    best_score = torch.where(better, score, best_score)
+                ready = ((lb > tol) | ~pending).all(1) & pending.any(1) & \
+                    ((it - last_check) >= 5).to(self.device)
+            if bool(ready.any()):
+                idx = ready.nonzero().reshape(-1)
+                last_check[idx.cpu()] = it
+                check(idx, {r: p.detach() for r, p in params.items()})
+                if not bool(pending.any()):
+                    break
+            total = float(loss.detach().sum())
+            if total < best_loss - 1e-3 * abs(best_loss):
+                best_loss, best_at = total, it
+            elif cfg.slope_patience and it - best_at >= cfg.slope_patience:
+                break  # a plateau: the MILP takes over
+            opt.zero_grad()
+            loss.sum().backward()
+            priority = {r: p.grad.detach().abs().clone() for r, p in params.items()
+                        if p.grad is not None}
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for p in params.values():
+                    p.clamp_(0, 1)
+        left = pending.any(1)
+        if bool(left.any()):
+            check(left.nonzero().reshape(-1), best)
+        slopes = {r: p.detach().double() for r, p in best.items()}
+        return _SlopeOutcome(bounds.cpu(), verified.cpu(), slopes, priority, it + 1)
+
+    def _tighter(self, lower: Tensor, upper: Tensor, slopes: dict[int, Tensor] | None,
+                 known: dict[int, tuple[Tensor, Tensor]]) -> dict[int, tuple[Tensor, Tensor]]:
+        """The known ReLU bounds intersected with those of the zonotope with ``slopes``."""
+        with torch.no_grad():
+            run = run_zonotope(self.net64, lower, upper, slopes=slopes, refined=known,
+                               compression=self.compression)
+        return {r: (lo.detach(), up.detach()) for r, (lo, up) in run.pre_bounds.items()}
+
+    def _lp_refine(self, lower: Tensor, upper: Tensor, slopes: dict[int, Tensor] | None,
+                   known: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
+                   deadline: float) -> dict[int, tuple[Tensor, Tensor]]:
+        """LP-tighten the ReLU bounds of :meth:`_lp_layers`, at most ``lp_refine_max_neurons``
+        neurons in all (highest priority first); returns ``known`` with them."""
+        cfg = self.cfg
+        known = dict(known)
+        budget = cfg.lp_refine_max_neurons
+        for r in self._lp_layers():
+            if budget <= 0 or time.perf_counter() > deadline:
+                break
+            with torch.no_grad():
+                run = run_zonotope(self.net64, lower, upper, end=r - 1, slopes=slopes,
+                                   refined=known, all_bounds=True, compression=self.compression)
+                run = _with_pre(run, self.net64, r, slopes, known)
+            order = None
+            if priority is not None and r in priority:
+                order = np.argsort(-priority[r][0].reshape(-1).cpu().numpy(), kind="stable")
+            tr = lp_tighten(self.encoder, lower, upper, run, r, max_neurons=budget, order=order,
+                            solver=cfg.solver, time_limit_s=max(deadline - time.perf_counter(), 0),
+                            deadline=deadline, threads=cfg.solver_threads)
+            budget -= tr.attempted
+            lo0, up0 = (t.reshape(-1).cpu().numpy() for t in run.pre_bounds[r])
+            # LP optima hold up to the solver's tolerances: loosen the LP values a little.
+            lo = np.where(tr.lower > lo0, tr.lower - 1e-6 * np.maximum(1.0, np.abs(tr.lower)),
+                          lo0)
+            up = np.where(tr.upper < up0, tr.upper + 1e-6 * np.maximum(1.0, np.abs(tr.upper)),
+                          up0)
+            shape = run.pre_bounds[r][0].shape
+            known[r] = (torch.as_tensor(np.maximum(lo, lo0), device=self.device).view(shape),
+                        torch.as_tensor(np.minimum(up, up0), device=self.device).view(shape))
+            log.debug("LP at ReLU %d: %d LPs, %d neurons stabilised in %.2fs", r, tr.solved,
+                      tr.stabilised, tr.runtime_s)
+        return known
+
+    def _milp_starts(self) -> list[int]:
+        """Where the MILPs start: the input box with ``milp_from_input``; the given block with
+        ``milp_layer`` >= 0; else the input of the last ReLU, then of the one before it."""
+        cfg = self.cfg
+        end = len(self.net64.blocks) - 1
+        if cfg.milp_from_input or not self.relu_indices:
+            return [-1]
+        if cfg.milp_layer >= 0:
+            return [self.encoder.effective_start(min(cfg.milp_layer, end), end)]
+        starts = [self.encoder.effective_start(r - 1, end) for r in self.relu_indices[-2:][::-1]]
+        return list(dict.fromkeys(starts))
+
+    def _lp_layers(self) -> list[int]:
+        """ReLU layers worth LP tightening: not the first (its bounds are exact already) and only
+        those the first MILP takes from the zonotope (its own ReLUs get binaries or the
+        triangle with their zonotope bounds)."""
+        limit = self._milp_starts()[0] if self.cfg.milp else len(self.net64.blocks)
+        return [r for r in self.relu_indices[1:] if r <= max(limit, 0)] if limit >= 0 else []
+
+    def _milp(self, lower: Tensor, upper: Tensor, spec: Spec, start: int, todo: Tensor,
+              best: Tensor, slopes: dict[int, Tensor] | None,
+              refined: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
+              deadline: float, record: Any) -> str:
+        """Per open disjunct, hardest first; stops at the first one that fails (COLT's
+        fail_break). Returns "certified", "failed" or "timeout"."""
+        cfg = self.cfg
+        with torch.no_grad():
+            run = run_zonotope(self.net64, lower, upper, slopes=slopes, refined=refined,
+                               keep=(start,) if start >= 0 else (), all_bounds=True,
+                               compression=self.compression)
+        if record(spec.lower(run.element)[0], "milp"):
+            return "certified"
+        prio = None
+        if priority:
+            prio = {r: p[0].reshape(-1).cpu().numpy() for r, p in priority.items()}
+        enc = None
+        for k in sorted(todo.nonzero().reshape(-1).tolist(), key=lambda k: float(best[k])):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return "timeout"
+            a, b = spec.disjunct(k)
+            if enc is None or len(a) > 1:  # a multi-row objective adds rows: a fresh encoding
+                enc = self.encoder.encode(lower, upper, run, start=start, priorities=prio,
+                                          max_binary_per_layer=cfg.max_binary_per_layer,
+                                          max_binary_total=cfg.max_binary_total)
+            out = solve_disjunct(enc, a, b, solver=cfg.solver, time_limit_s=remaining,
+                                 tolerance=cfg.margin_tolerance, threads=cfg.solver_threads)
+            log.debug("MILP from block %d, disjunct %d: %s bound %.4g (%d/%d binary) in %.2fs",
+                      start, k, out.status, out.bound, enc.num_binary, enc.num_unstable,
+                      out.runtime_s)
+            if math.isfinite(out.bound) and out.status != "error":
+                bound = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
+                # A proved bound (any status but infeasible/error) is kept for the report;
+                # only a verified one closes the disjunct (record's tolerance test).
+                bound[k] = out.bound if out.verified else min(out.bound, cfg.margin_tolerance)
+                record(bound, "milp")
+            if not out.verified:
+                return "timeout" if out.status == "time_limit" else "failed"
+        return "certified" if not bool(todo.any()) else "failed"
+
+    # -- batched (tuning) ----------------------------------------------------------------------
+
+    def batch(self, x: Tensor, labels: Tensor, eps: float) -> dict[str, Tensor]:
+        """Cheap batched cascade: (B,) bool tensors nat, pgd (not falsified), cert."""
+        cfg = self.cfg
+        x64 = x.to(self.device, torch.float64).reshape(-1, *self.input_shape)
+        labels = labels.to(self.device).reshape(-1)
+        bsz = x64.shape[0]
+        lower, upper = input_box(x64, eps)
+        with torch.no_grad():
+            logits = self.net64(x64)
+        finite = torch.isfinite(logits).all(1) & torch.isfinite(x64).flatten(1).all(1)
+        nat = finite & (logits.argmax(1) == labels) if self.finite else \
+            torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        spec_all = Spec.robustness(labels.cpu(), self.n_outputs).to(self.device)
+        robust = nat.clone()
+        idx = nat.nonzero().reshape(-1)
+        if len(idx) and cfg.pgd_restarts > 0:
+            found, _ = self.attack_batch(lower[idx], upper[idx], spec_all.select(idx),
+                                         cfg.pgd_restarts, cfg.pgd_steps, cfg.pgd_step_size,
+                                         seed=cfg.seed)
+            robust[idx] &= ~found
+        cert = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        idx = robust.nonzero().reshape(-1)
+        chunk = self._chunk_size()
+        for s in range(0, len(idx), chunk):
+            part = idx[s: s + chunk]
+            cert[part] = self._certify_chunk(x64[part], lower[part], upper[part],
+                                             spec_all.select(part))
+        return {"nat": nat.cpu(), "pgd": robust.cpu(), "cert": (cert & robust).cpu()}
+
+    def _certify_chunk(self, x: Tensor, lower: Tensor, upper: Tensor, spec: Spec) -> Tensor:
+        cfg = self.cfg
+        with torch.no_grad():
+            run = run_zonotope(self.net64, lower, upper, compression=self.compression)
+            lb = spec.lower(run.element)
+        done = (torch.isfinite(lb) & (lb > cfg.margin_tolerance))
+        if bool(done.all(1).all()) or cfg.slope_iters <= 0 or not self.relu_indices:
+            return done.all(1)
+        todo = ~done
+        t_end = time.perf_counter() + cfg.timeout_per_input_s * x.shape[0]
+        out = self._optimise_slopes(lower, upper, spec, todo, run, t_end)
+        done |= out.verified.to(self.device)
+        if cfg.milp:
+            for j in (~done.all(1)).nonzero().reshape(-1).tolist():
+                deadline = time.perf_counter() + cfg.timeout_per_input_s
+                best = out.bounds[j].clone()
+                open_ = (~done[j]).cpu().clone()
+
+                def record(bounds: Tensor, stage: str, open_=open_, best=best) -> bool:
+                    bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
+                    ok = torch.isfinite(bounds) & (bounds > cfg.margin_tolerance)
+                    best[torch.isfinite(bounds)] = torch.maximum(best, bounds)[
+                        torch.isfinite(bounds)]
+                    open_[ok] = False
+                    return not bool(open_.any())
+
+                one = torch.tensor([j], device=self.device)
+                try:
+                    outcome = self._milp(lower[one], upper[one], spec.select(one),
+                                         self._milp_starts()[0], open_, best,
+                                         {r: s[one] for r, s in out.slopes.items()}, {},
+                                         {r: p[one] for r, p in out.priority.items()} or None,
+                                         deadline, record)
+                except EncodingError:
+                    outcome = "failed"
+                if outcome == "certified":
+                    done[j] = True
+        return done.all(1)
+
+    def _chunk_size(self) -> int:
+        """Inputs per zonotope batch so that the generator tensors stay within the budget
+        (with autograd for the slopes, about 4 copies of the largest one)."""
+        shapes = self.net64.shapes()
+        widest = max(int(np.prod(s)) for s in shapes)
+        n_in = int(np.prod(self.input_shape))
+        gens = (self.compression.n_colors if self.compression else n_in)
+        gens += sum(int(np.prod(shapes[r])) for r in self.relu_indices) // 4
+        per_input = 8 * 4 * gens * widest
+        return max(1, min(64, ZONOTOPE_MEMORY_BUDGET // max(per_input, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched accuracy for tuning
+
+
+def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | None = None,
+                       max_inputs: int | None = None, *, batch_size: int = 256,
+                       device: str | torch.device | None = None) -> dict[str, Any]:
+    """Natural, PGD-robust and certified counts (and rates) on up to ``max_inputs`` inputs.
+
+    ``data``: a DataLoader / iterable of (x, y) batches, an (images, labels) pair of tensors or an
+    indexable data set of (image, label). Stages: clean, the full attack of ``cfg`` (batched),
+    zonotope, slopes and (if ``cfg.milp``) the per-label MILP with ``timeout_per_input_s`` each.
+    """
+    cfg = cfg or CertifyConfig()
+    if not eps >= 0:
+        raise CertifyError(f"eps = {eps}: must be >= 0")
+    device = device if device is not None else next(net.parameters()).device
+    certifier = Certifier(net, cfg, device)
+    t0 = time.perf_counter()
+    counts = {"n": 0, "nat": 0, "pgd": 0, "cert": 0}
+    for x, y in _batches(data, batch_size, max_inputs):
+        out = certifier.batch(x, y, eps)
+        counts["n"] += len(y)
+        for k in ("nat", "pgd", "cert"):
+            counts[k] += int(out[k].sum())
+    n = max(counts["n"], 1)
+    return {**counts, "nat_acc": counts["nat"] / n, "pgd_acc": counts["pgd"] / n,
+            "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0}
+
+
+def _batches(data: Any, batch_size: int, max_inputs: int | None
+             ) -> Iterable[tuple[Tensor, Tensor]]:
+    limit = math.inf if not max_inputs else max_inputs
+    seen = 0
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        images, labels = data
+        data = [(images[i: i + batch_size], torch.as_tensor(labels[i: i + batch_size]))
+                for i in range(0, len(images), batch_size)]
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and \
+            not isinstance(data, torch.utils.data.DataLoader):
+        ds = data
+        data = ((torch.stack([ds[j][0] for j in range(i, min(i + batch_size, len(ds)))]),
+                 torch.tensor([int(ds[j][1]) for j in range(i, min(i + batch_size, len(ds)))]))
+                for i in range(0, len(ds), batch_size))
+    for x, y in data:
+        if seen >= limit:
+            return
+        take = int(min(len(y), limit - seen))
+        seen += take
+        yield x[:take], torch.as_tensor(y)[:take]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class _Timer:
+    """Adds the wall time of each ``with timer(stage):`` block to ``result.stage_times``."""
+
+    def __init__(self, result: CertifyResult) -> None:
+        self.result = result
+
+    def __call__(self, stage: str) -> "_Timer":
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        times = self.result.stage_times
+        times[self.stage] = times.get(self.stage, 0.0) + time.perf_counter() - self.t
+
+
+def _frozen_copy(net: Net, dtype: torch.dtype, device: torch.device) -> Net:
+    out = copy.deepcopy(net).to(device=device, dtype=dtype).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def _compression(net64: Net) -> GeneratorCompression | None:
+    return GeneratorCompression.for_net(net64)
+
+
+def _to_device(comp: GeneratorCompression, device: torch.device) -> GeneratorCompression:
+    if device.type == "cpu":
+        return comp
+    out = copy.copy(comp)
+    out.colors = comp.colors.to(device)
+    out.masks = {k: v.to(device) for k, v in comp.masks.items()}
+    if comp.fuse_weight is not None:
+        out.fuse_weight = comp.fuse_weight.to(device)
+        out.fuse_map = comp.fuse_map.to(device)
+    return out
+
+
+def _inside(x: Tensor, lower: Tensor, upper: Tensor) -> bool:
+    return bool(((x >= lower) & (x <= upper)).all())
+
+
+def _with_pre(run: ZonotopeRun, net: Net, relu: int, slopes: dict[int, Tensor] | None,
+              refined: dict[int, tuple[Tensor, Tensor]]) -> ZonotopeRun:
+    """Add the pre-activation bounds of ReLU ``relu`` (the output bounds of block relu-1, which
+    ``run_zonotope(end=relu-1)`` has) intersected with refined ones."""
+    lo, up = run.block_bounds[relu - 1]
+    if relu in refined:
+        lo, up = torch.maximum(lo, refined[relu][0]), torch.minimum(up, refined[relu][1])
+    run.pre_bounds[relu] = (lo, up)
+    return run
