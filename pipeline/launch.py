@@ -68,7 +68,7 @@ def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = N
     cfg = study_file.launch_config(trial.params)
     if device:
         cfg = dataclasses.replace(cfg, device=device)
-    run_dir = Path(runs_dir) / study_file.settings.name / f"launch_trial{trial.number}"
+    run_dir = Path(runs_dir).resolve() / study_file.settings.name / f"launch_trial{trial.number}"
     log.info("launching trial %d in %s", trial.number, run_dir)
     train(cfg, run_dir, full_train_set=True)
     net, _ = load_trained_net(run_dir / "last.pt")
