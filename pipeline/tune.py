@@ -322,11 +322,11 @@ def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
 
 def score(net: Any, loader: Any, cfg: TrainConfig, study: StudyFile) -> dict[str, float]:
     """Validation accuracies: natural, PGD and certified by the cascade's cheap stages."""
-    from pipeline.evaluate import evaluate
+    from pipeline.certify.cascade import certified_accuracy
 
     c = study.certify_val
-    return evaluate(net, loader, cfg.eps, c.pgd_steps, c.pgd_step_size, c.pgd_restarts,
-                    max_inputs=c.n_inputs or None, device=next(net.parameters()).device)
+    return certified_accuracy(net, loader, cfg.eps, c, max_inputs=c.n_inputs or None,
+                              device=next(net.parameters()).device)
 
 
 class Objective:
