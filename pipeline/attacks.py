@@ -2,7 +2,8 @@
 
 * :func:`prefix_relaxation` computes the DeepZ region C_l(x) of the prefix up to block ``l``: the
   bounds and ReLU relaxations (λ, μ) at every ReLU, from exact zonotope bounds or from COLT's
-  Cauchy random-projection estimate.
+  Cauchy random-projection estimate (:func:`propagate_projected`, which skips work the caller
+  does not need); :func:`extend_relaxation` continues it to a later block.
 * :func:`latent_point` evaluates the point of that region for noise coefficients e ∈ [-1, 1]: the
   prefix with every ReLU replaced by its band ``λx + μ + μ e``. This is exactly
   ``centre + Σ generators · e`` of the zonotope, computed in one forward pass instead of one pass
@@ -10,6 +11,8 @@
 * :func:`latent_pgd` is PGD on those coefficients, projected by clipping to the box (reference
   §1.4); layer -1 is the input box, so it is also input PGD.
 * :func:`pgd_attack` is input PGD with restarts that keeps any misclassifying point (certification).
+* :func:`retain_freed_memory` keeps glibc from unmapping the large freed tensors of a training
+  step, so that they are not page-faulted in again every iteration.
 """
 
 from __future__ import annotations

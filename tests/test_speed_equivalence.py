@@ -1,14 +1,14 @@
 """The optimised training paths compute the same quantities as straightforward implementations.
 
 The fast code keeps the Cauchy noise groups apart, takes the medians with numpy's partition
-(with a hand-written gradient), scales projections in place, keeps image-shaped float32
-projections channels-last, draws the Cauchy projections in slices of the batch and skips the
-new group of a last ReLU whose output is unused. Each test recomputes the same quantity the plain
+(with a hand-written gradient), scales projections in place, draws the Cauchy projections in
+slices of the batch, skips the new group of a last ReLU whose output is unused and fuses the
+latent point's multiply-adds. Each test recomputes the same quantity the plain
 way, written out here (one stacked projection tensor, ``torch.median``, ``torch.cat``, the latent
 point as centre plus one contribution per noise group), from the same seeded draws, and compares.
 
-Float64 runs must agree to rounding; float32 runs (the training precision: channels-last
-convolutions round differently) to a relative 1e-4 on bounds.
+Float64 runs must agree to rounding; float32 runs (the training precision: sums and fused
+multiply-adds round differently) to a relative 1e-4.
 """
 
 from __future__ import annotations
@@ -174,10 +174,11 @@ def ref_colt_step(net: Net, x, y, cfg: TrainConfig, stage: int, kappa: float):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 50, 4, 5, 6), (2, 50, 32, 8, 8), (3, 7, 10), (2, 6, 1, 4, 4)])
+@pytest.mark.parametrize("shape", [(3, 50, 4, 5, 6), (2, 50, 32, 8, 8), (3, 7, 10),
+                                   (2, 6, 1, 4, 4)])
 def test_median_values_and_gradient_equal_torch_median(shape, dtype) -> None:
     p = torch.randn(shape, generator=gen(1), dtype=dtype)
-    if len(shape) == 5 and dtype == torch.float32:  # the training layout
+    if len(shape) == 5 and dtype == torch.float32:  # medians follow any memory layout
         p = p.reshape(-1, *shape[2:]).contiguous(memory_format=torch.channels_last).view(shape)
     p[0, :, 0] = 0.0  # a column of zeros: ties, zero gradient
     p[(1, 3) + (0,) * (len(shape) - 3) + (1,)] = 3e10  # above the clamp
@@ -204,6 +205,15 @@ def test_median_power_of_two_widths_and_threads() -> None:
             assert torch.equal(zono._median_abs_values(p)[0], want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_median_torch_fallback_path() -> None:
+    """The path for GPUs and other dtypes (torch.median, here on CPU bfloat16)."""
+    p = torch.randn(2, 9, 3, 4, generator=gen(9)).to(torch.bfloat16)
+    m, signs = zono._median_abs_values(p, want_signs=True)
+    assert torch.equal(m, p.abs().median(dim=1).values)
+    assert torch.equal(signs.float().abs().sum(1), torch.ones(2, 3, 4))
+    assert torch.equal(signs, torch.where(p.abs() == m.unsqueeze(1), p.sign(), 0).to(torch.int8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -341,7 +351,8 @@ def _stage_case(name, shape, layers, stage, dtype, seed):
 
 @pytest.mark.parametrize("kappa", [1.0, 0.4])
 @pytest.mark.parametrize("name,shape,layers,stage", [
-    ("convmed_2_2_100", (1, 28, 28), (-1, 2, 4), 0), ("convmed_2_2_100", (1, 28, 28), (-1, 2, 4), 1),
+    ("convmed_2_2_100", (1, 28, 28), (-1, 2, 4), 0),
+    ("convmed_2_2_100", (1, 28, 28), (-1, 2, 4), 1),
     ("convmed_2_2_100", (1, 28, 28), (-1, 2, 4), 2),
     ("convmedbig_1_1_1_16", (3, 16, 16), (-1, 2, 4, 6), 2),
     ("convmedbig_1_1_1_16", (3, 16, 16), (-1, 2, 4, 6), 3)])
@@ -364,8 +375,8 @@ def test_colt_step_loss_and_gradients_equal_reference(name, shape, layers, stage
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_colt_step_float32_equals_reference(stage) -> None:
-    """The training precision: channels-last convolutions round differently, so the values agree
-    to float32 accuracy (a latent attack's sign could flip on a gradient of rounding size; with
+    """The training precision: sums over groups and fused multiply-adds round differently, so the
+    values agree to float32 accuracy (a latent attack's sign could flip on a gradient of rounding size; with
     these seeds none does)."""
     cfg, net, x, y = _stage_case("convmed_2_2_100", (1, 28, 28), (-1, 2, 4), stage,
                                  torch.float32, 60 + stage)

@@ -6,14 +6,18 @@ Per input (reference §4.1, reordered so that the common case is cheap):
 2. a quick input attack (``pgd_quick_restarts`` x ``pgd_quick_steps``, restarts batched);
 3. the zonotope (DeepZ) in float64 - it alone certifies most inputs of a COLT network;
 4. per-neuron ReLU slopes λ ∈ [0, 1] optimised by Adam on the worst-case margins (COLT's
-   learn_slopes: DeepZ start, lr ``slope_lr``, StepLR(``slope_lr_step``, 0.1), clamp, early exit),
-   in float32 for speed; a margin counts only when recomputed in float64 with the same λ (any
-   λ ∈ [0, 1] is sound);
+   learn_slopes: DeepZ start, lr ``slope_lr``, StepLR(``slope_lr_step``, 0.1), clamp, early exit
+   when verified or on a plateau of ``slope_patience`` steps), in float32 for speed; a margin
+   counts only when recomputed in float64 with the same λ (any λ ∈ [0, 1] is sound);
 5. the full attack (``pgd_restarts`` x ``pgd_steps``, one batch);
-6. LP tightening of the ReLU bounds (``lp_refine``);
-7. one MILP per adversarial label still open (exact zonotope at ``milp_layer``, binaries for the
-   highest-priority unstable ReLUs, early termination on the sign).
+6. LP tightening of the ReLU bounds the MILP takes from the zonotope (``lp_refine``), then the
+   slopes again with them;
+7. one MILP per adversarial label still open, hardest first: from the exact zonotope at the last
+   ReLU's input, then (``milp_layer`` -1) from the one before it, binaries for the
+   highest-priority unstable ReLUs (|∂loss/∂λ|), early termination on the sign.
 
+From stage 3 on, every zonotope intersects its ReLU bounds with the tightest ones known so far
+(earlier zonotopes with other λ, LP): any valid bound may be used.
 A counterexample counts only after a float64 forward pass confirms it inside the box; a certificate
 only when every label's float64 (or solver-proved) lower bound exceeds ``margin_tolerance``.
 Non-finite inputs, weights or bounds are never certified; a timeout is "unknown".
@@ -240,10 +244,13 @@ class Certifier:
             out = self.net64(torch.zeros(1, *self.input_shape, dtype=torch.float64,
                                          device=self.device))
         self.n_outputs = out.shape[1]
-        self.compression = _compression(self.net64) if self.finite else None
+        # The colouring and the MILP matrices are built on the CPU (numpy / scipy).
+        cpu64 = self.net64 if self.device.type == "cpu" else \
+            _frozen_copy(net, torch.float64, torch.device("cpu"))
+        self.compression = _compression(cpu64) if self.finite else None
         if self.compression is not None:
             self.compression = _to_device(self.compression, self.device)
-        self.encoder = MilpEncoder(self.net64)
+        self.encoder = MilpEncoder(cpu64)
 
     # -- public entry points -------------------------------------------------------------------
 
@@ -515,9 +522,7 @@ class Certifier:
         start = init if init is not None else {r: lam for r, (lam, _) in run.relaxations.items()}
         params = {r: lam.detach().float().clone().requires_grad_(True)
                   for r, lam in start.items()}
-        opt = torch.optim.Adam(list(params.values()), lr=cfg.slope_lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(cfg.slope_lr_step, 1),
-                                                gamma=0.1)
+        opt = _Adam(list(params.values()), lr=cfg.slope_lr, step_size=cfg.slope_lr_step)
         pending = todo.clone()
         bounds = torch.full(pending.shape, -math.inf, dtype=torch.float64, device=self.device)
         verified = torch.zeros_like(pending)
@@ -542,12 +547,14 @@ class Certifier:
         it = 0
         best_loss, best_at = math.inf, 0
         for it in range(cfg.slope_iters if iterations is None else iterations):
-            if not bool(pending.any()) or (deadline is not None and time.perf_counter() > deadline):
+            if not bool(pending.any()) or \
+                    (deadline is not None and time.perf_counter() > deadline):
                 break
             out = run_zonotope(self.net32, lo32, up32, slopes=params, refined=refined32,
                                compression=self.compression)
             lb = spec.lower(out.element)  # (B, D) float32
-            neg = torch.where(pending, -lb, torch.full_like(lb, -math.inf))
+            # A copy: check() below updates ``pending`` in place, autograd keeps this mask.
+            neg = torch.where(pending.clone(), -lb, torch.full_like(lb, -math.inf))
             loss = torch.logsumexp(torch.cat([torch.zeros_like(lb[:, :1]), neg], 1), 1)
             with torch.no_grad():
                 score = torch.where(pending, lb, torch.full_like(lb, math.inf)).min(1).values
@@ -569,17 +576,13 @@ class Certifier:
                 best_loss, best_at = total, it
             elif cfg.slope_patience and it - best_at >= cfg.slope_patience:
                 break  # a plateau: the MILP takes over
-            opt.zero_grad()
-            loss.sum().backward()
-            priority = {r: p.grad.detach().abs().clone() for r, p in params.items()
-                        if p.grad is not None}
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p in params.values():
-                    p.clamp_(0, 1)
+            grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g
+                     for p, g in zip(params.values(), grads)]
+            priority = {r: g.detach().abs() for r, g in zip(params, grads)}
+            opt.step(grads)  # then λ is clamped to [0, 1]
         left = pending.any(1)
-        if bool(left.any()):
+        if bool(left.any()) and (deadline is None or time.perf_counter() < deadline):
             check(left.nonzero().reshape(-1), best)
         slopes = {r: p.detach().double() for r, p in best.items()}
         return _SlopeOutcome(bounds.cpu(), verified.cpu(), slopes, priority, it + 1)
@@ -719,42 +722,56 @@ class Certifier:
         return {"nat": nat.cpu(), "pgd": robust.cpu(), "cert": (cert & robust).cpu()}
 
     def _certify_chunk(self, x: Tensor, lower: Tensor, upper: Tensor, spec: Spec) -> Tensor:
+        """(B,) verified by DeepZ, then slopes on the inputs still open (one batch), then the
+        MILP per input (``cfg.milp``, ``timeout_per_input_s`` each)."""
         cfg = self.cfg
+        known = None
         with torch.no_grad():
             run = run_zonotope(self.net64, lower, upper, compression=self.compression)
             lb = spec.lower(run.element)
         done = (torch.isfinite(lb) & (lb > cfg.margin_tolerance))
         if bool(done.all(1).all()) or cfg.slope_iters <= 0 or not self.relu_indices:
             return done.all(1)
-        todo = ~done
-        t_end = time.perf_counter() + cfg.timeout_per_input_s * x.shape[0]
-        out = self._optimise_slopes(lower, upper, spec, todo, run, t_end)
-        done |= out.verified.to(self.device)
-        if cfg.milp:
-            for j in (~done.all(1)).nonzero().reshape(-1).tolist():
-                deadline = time.perf_counter() + cfg.timeout_per_input_s
-                best = out.bounds[j].clone()
-                open_ = (~done[j]).cpu().clone()
+        # Only the inputs still open take part in the slope steps.
+        rows = (~done.all(1)).nonzero().reshape(-1)
+        sub_spec = spec.select(rows)
+        known = {r: (lo[rows].detach(), up[rows].detach())
+                 for r, (lo, up) in run.pre_bounds.items()}
+        sub_run = ZonotopeRun(run.element, relaxations={r: (lam[rows], mu[rows]) for r, (lam, mu)
+                                                        in run.relaxations.items()})
+        t_end = time.perf_counter() + cfg.timeout_per_input_s * len(rows)
+        out = self._optimise_slopes(lower[rows], upper[rows], sub_spec, ~done[rows], sub_run,
+                                    t_end, refined=known)
+        done[rows] |= out.verified.to(self.device)
+        if not cfg.milp:
+            return done.all(1)
+        for k, j in enumerate(rows.tolist()):
+            if bool(done[j].all()):
+                continue
+            deadline = time.perf_counter() + cfg.timeout_per_input_s
+            best = out.bounds[k].clone()
+            open_ = (~done[j]).cpu().clone()
 
-                def record(bounds: Tensor, stage: str, open_=open_, best=best) -> bool:
-                    bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
-                    ok = torch.isfinite(bounds) & (bounds > cfg.margin_tolerance)
-                    best[torch.isfinite(bounds)] = torch.maximum(best, bounds)[
-                        torch.isfinite(bounds)]
-                    open_[ok] = False
-                    return not bool(open_.any())
+            def record(bounds: Tensor, stage: str, open_: Tensor = open_,
+                       best: Tensor = best) -> bool:
+                bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
+                finite = torch.isfinite(bounds)
+                best[finite] = torch.maximum(best[finite], bounds[finite])
+                open_[finite & (bounds > cfg.margin_tolerance)] = False
+                return not bool(open_.any())
 
-                one = torch.tensor([j], device=self.device)
-                try:
-                    outcome = self._milp(lower[one], upper[one], spec.select(one),
-                                         self._milp_starts()[0], open_, best,
-                                         {r: s[one] for r, s in out.slopes.items()}, {},
-                                         {r: p[one] for r, p in out.priority.items()} or None,
-                                         deadline, record)
-                except EncodingError:
-                    outcome = "failed"
-                if outcome == "certified":
-                    done[j] = True
+            one = torch.tensor([k], device=self.device)
+            try:
+                outcome = self._milp(lower[j:j + 1], upper[j:j + 1], spec.select(rows[k:k + 1]),
+                                     self._milp_starts()[0], open_, best,
+                                     {r: s_[one] for r, s_ in out.slopes.items()},
+                                     {r: (lo[one], up[one]) for r, (lo, up) in known.items()},
+                                     {r: p[one] for r, p in out.priority.items()} or None,
+                                     deadline, record)
+            except EncodingError:
+                outcome = "failed"
+            if outcome == "certified":
+                done[j] = True
         return done.all(1)
 
     def _chunk_size(self) -> int:
@@ -823,6 +840,29 @@ def _batches(data: Any, batch_size: int, max_inputs: int | None
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+class _Adam:
+    """Adam with COLT's StepLR (×0.1 every ``step_size`` steps) and λ clamped to [0, 1] after each
+    step. Written out because torch.optim's first use imports torch._dynamo (seconds)."""
+
+    def __init__(self, params: list[Tensor], lr: float, step_size: int,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.step_size = params, lr, max(int(step_size), 1)
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor]) -> None:
+        lr = self.lr * 0.1 ** (self.t // self.step_size)
+        self.t += 1
+        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps)).clamp_(0, 1)
 
 
 class _Timer:

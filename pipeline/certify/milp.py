@@ -161,9 +161,11 @@ class GeneratorCompression:
         return Zonotope((upper + lower) / 2, gens.reshape(b, self.n_colors, *lower.shape[1:]))
 
     def fused(self, element: Zonotope, net: Net) -> Zonotope:
-        """The zonotope after ``fuse_block`` from the compressed one after ``segment_end``:
-        input symbol p's generator there is W (packed[colour(p)] masked to p's support), i.e.
-        Σ_s mask_p[s] T[colour(p), s] with T[g, s] = Σ_channels W[:, channel, s] packed[g, ., s]."""
+        """The zonotope after ``fuse_block`` from the compressed one after ``segment_end``.
+
+        Input symbol p's generator there is W (packed[colour(p)] masked to p's support), i.e.
+        Σ_s mask_p[s] T[colour(p), s] with T[g, s] = Σ_channel W[:, channel, s] packed[g, ., s].
+        """
         g = element.generators
         b, k = g.shape[:2]
         weight = self.fuse_weight.to(device=g.device, dtype=g.dtype)  # (m, C, S)

@@ -140,9 +140,6 @@ class ProjectedZonotope:
     projections of group g; ``projections`` (B, G*k, *S) is all of them stacked along dim 1
     (built on demand). Keeping the groups apart lets a ReLU scale the old groups in place and
     append a new one without copying, and each median works on one group.
-
-    On the CPU in float32, image-shaped projections live in channels-last memory order (oneDNN's
-    fast convolution layout); the values and logical shapes are the same either way.
     """
 
     def __init__(self, center: Tensor, projections: Tensor | None, k: int,
@@ -176,7 +173,7 @@ class ProjectedZonotope:
         return cls((upper + lower) / 2, None, k, [_cauchy_scaled(radius, k, generator)])
 
     def affine(self, layer: AffineLayer) -> "ProjectedZonotope":
-        """Each group through the linear part (one batched call per group), the centre with bias."""
+        """Each group through the linear part (one batched call per group); centre with bias."""
         groups = [_linear_images(layer, g) for g in self.groups]
         return ProjectedZonotope(layer(self.center), None, self.k, groups)
 
@@ -221,37 +218,23 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _fast_layout(t: Tensor, dim: int | None = None) -> bool:
-    """Image-shaped (5-d) float32 projections on the CPU are kept channels-last."""
-    return (t.device.type == "cpu" and t.dtype == torch.float32
-            and (t.dim() if dim is None else dim) == 5)
-
-
-def _empty_projections(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Uninitialised (B, k, C, H, W) tensor, channels-last per image where that is fast."""
-    if _fast_layout(like, len(shape)):
-        b, k, *chw = shape
-        return torch.empty((b * k, *chw), dtype=like.dtype, device=like.device,
-                           memory_format=torch.channels_last).view(shape)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 def _cauchy_scaled(scale: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
     """``_cauchy((B, k, *S)) * scale.unsqueeze(1)``: the same draws in the same order.
 
     On the CPU without gradient it is drawn in slices of the batch (the CPU generator gives the
-    same stream in pieces), each finished while it is in the cache, into the output's layout.
+    same stream in pieces), each finished while it is in the cache.
     """
     shape = (scale.shape[0], k, *scale.shape[1:])
     if _needs_grad(scale) or scale.device.type != "cpu":
         u = torch.rand(shape, dtype=scale.dtype, device=scale.device, generator=generator)
         return u.sub_(0.5).mul_(torch.pi).tan_() * scale.unsqueeze(1)  # tan(π (u - 1/2))
-    out = _empty_projections(shape, scale)
+    out = torch.empty(shape, dtype=scale.dtype)
     rows = max(1, _CAUCHY_CHUNK // max(1, out[0].numel()))
     for b0 in range(0, shape[0], rows):
         b1 = min(shape[0], b0 + rows)
-        u = torch.rand((b1 - b0, *shape[1:]), dtype=scale.dtype, generator=generator)
-        torch.mul(u.sub_(0.5).mul_(torch.pi).tan_(), scale[b0:b1].unsqueeze(1), out=out[b0:b1])
+        part = out[b0:b1]
+        torch.rand(part.shape, generator=generator, out=part)
+        part.sub_(0.5).mul_(torch.pi).tan_().mul_(scale[b0:b1].unsqueeze(1))
     return out
 
 
@@ -260,20 +243,8 @@ _CAUCHY_CHUNK = 1 << 20  # values per slice
 
 def _linear_images(layer: AffineLayer, g: Tensor) -> Tensor:
     b, k = g.shape[:2]
-    x = g.reshape(b * k, *g.shape[2:])
-    if x.dim() == 4 and _fast_layout(g) and isinstance(layer, torch.nn.Conv2d):
-        x = _channels_last(x)
-    out = layer.linear(x)
+    out = layer.linear(g.reshape(b * k, *g.shape[2:]))
     return out.reshape(b, k, *out.shape[1:])
-
-
-def _channels_last(x: Tensor) -> Tensor:
-    """``x`` (N, C, H, W) in channels-last order. With C = 1 both orders are the same memory, but
-    only explicit channels-last strides make the convolution choose (and return) that layout."""
-    n, c, h, w = x.shape
-    if c == 1 and x.is_contiguous():
-        return x.as_strided(x.shape, (h * w, 1, w, 1))
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _median_abs(p: Tensor) -> Tensor:
