@@ -537,6 +537,10 @@ def test_cli_writes_and_resumes_jsonl(tmp_path, capsys):
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
+    # resuming into a file of another eps is bad input, and leaves it alone
+    before = out.read_bytes()
+    code, _, stderr = run_cli([a if a != "0.1" else "0.2" for a in base], capsys)
+    assert code == 2 and "eps" in stderr and out.read_bytes() == before
 
 
 def _onnx_model(path: Path, op: str = "Relu", n_in: tuple[int, ...] = (3, 32, 32),

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 STATUSES = ("certified", "falsified", "unknown", "misclassified")
 # Deciding stages, in cascade order ("nonfinite": NaN/inf in the input, weights or bounds).
 METHODS = ("clean", "pgd", "zonotope", "zonotope_slopes", "lp", "milp", "timeout", "nonfinite")
-# How far below the per-input memory budget a batch of zonotopes must stay (bytes).
+# Memory a batch of zonotopes (certified_accuracy) may take, in bytes.
 ZONOTOPE_MEMORY_BUDGET = 1 << 30
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -175,6 +176,7 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
         raise CertifyError(f"data images have shape {tuple(image.shape)}, the network expects "
                            f"{tuple(net.input_shape)}")
     done = read_results(out) if out else {}
+    _check_resumed(done, eps, out)
     certifier = Certifier(net, cfg, _device(device))
     writer = ResultsWriter(out)
     todo = [i for i in range(start, end) if i not in done]
@@ -184,7 +186,7 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
         for i in bar:
             image, label = dataset[i]
             result = certifier.certify(image, int(label), eps, index=i)
-            row = result.to_json()
+            row = {**result.to_json(), "eps": eps}
             writer.write(row)
             rows[i] = row
             if hasattr(bar, "set_postfix"):
@@ -195,6 +197,14 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
     summary = summarize([rows[i] for i in sorted(rows)])
     log.info("summary: %s", format_summary(summary))
     return summary
+
+
+def _check_resumed(done: dict[int, dict[str, Any]], eps: float, out: Any) -> None:
+    """Lines of another ε in the file would be silently mixed in: refuse them."""
+    for row in done.values():
+        if "eps" in row and not math.isclose(float(row["eps"]), eps, rel_tol=0, abs_tol=1e-12):
+            raise ResultsFileError(f"{out}: holds results for eps {row['eps']}, not {eps} "
+                                   "(use another --out)")
 
 
 def certify_vnnlib(net: Net, prop: Any, cfg: CertifyConfig | None = None,
@@ -306,6 +316,11 @@ def _prepare(args: argparse.Namespace) -> Any:
         from pipeline.certify.onnx_vnnlib import load_vnnlib
 
         prop = load_vnnlib(args.vnnlib, tuple(net.input_shape))
+        if args.out and Path(args.out).exists():
+            old = read_results(args.out, repair=False).get(0, {}).get("property")
+            if old is not None and old != str(args.vnnlib):
+                raise ResultsFileError(f"{args.out}: holds the answer for {old}, not "
+                                       f"{args.vnnlib} (use another --out)")
         if prop.n_outputs != _n_outputs(net):
             raise CertifyError(f"{args.vnnlib}: property over {prop.n_outputs} outputs, the "
                                f"network has {_n_outputs(net)}")
@@ -328,6 +343,8 @@ def _prepare(args: argparse.Namespace) -> Any:
                                f"{tuple(net.input_shape)}")
     if args.start < 0 or (args.end is not None and args.end < args.start):
         raise CertifyError(f"--start {args.start} / --end {args.end}: need 0 <= start <= end")
+    if args.out and Path(args.out).exists():
+        _check_resumed(read_results(args.out, repair=False), eps, args.out)
     return lambda: _run_dataset(net, dataset, eps, cfg, args, device)
 
 
@@ -345,7 +362,7 @@ def _run_dataset(net: Net, dataset: Any, eps: float, cfg: CertifyConfig,
 def _run_vnnlib(net: Net, prop: Any, cfg: CertifyConfig, args: argparse.Namespace,
                 device: torch.device) -> int:
     done = read_results(args.out) if args.out else {}
-    if 0 in done:
+    if 0 in done:  # resumed (_prepare checked that it is this property's line)
         print(done[0].get("answer", "unknown"))
         return 0
     answer, result = certify_vnnlib(net, prop, cfg, str(device))
