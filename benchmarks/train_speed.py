@@ -199,8 +199,10 @@ def wait_for_quiet(limit_s: float) -> float:
 
 
 def run_in_subprocess(row: Row, iters: int, warmup: int, retain: bool,
-                      threads: int | None) -> dict:
+                      threads: int | None, omp_passive: bool) -> dict:
     env = dict(os.environ)
+    if omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if not retain:
@@ -250,7 +252,10 @@ def render(rows: list[Row], results: dict[str, dict], device: str, args) -> str:
     mem_name = "peak RSS" if device == "cpu" else "peak CUDA alloc"
     lines = [f"# COLT training speed ({device})", ""]
     lines += machine_header(device)
-    lines += [f"- command: `python benchmarks/train_speed.py {' '.join(args.argv)}`",
+    omp = os.environ.get("OMP_WAIT_POLICY") or ("PASSIVE" if getattr(args, "omp_passive", False)
+                                                 else "unset (libgomp spins, then sleeps)")
+    lines += [f"- command: `python benchmarks/train_speed.py {' '.join(args.argv)}`; "
+              f"OMP_WAIT_POLICY {omp}",
               f"- batch {BATCH}; iterations timed per row after warm-up in the `n` column; the "
               "reference column is the published COLT code on a 2-core CPU "
               "(shared/docs/reference-timings.md); ratio = ours / reference.",
@@ -312,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                         "memory to the system (PIPELINE_RETAIN_FREED_MEMORY=0)")
     parser.add_argument("--threads", type=int, help="CPU: torch threads of the row processes "
                         "(OMP_NUM_THREADS; default: torch's, one per core)")
+    parser.add_argument("--omp-passive", action="store_true", help="CPU: OMP_WAIT_POLICY=PASSIVE "
+                        "in the row processes (idle OpenMP threads sleep instead of spinning: "
+                        "much faster when other processes share the cores)")
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="CPU: before a row, "
                         "wait up to this many seconds for other processes to leave the cores")
     parser.add_argument("--retries", type=int, default=1, help="CPU: run a row again (up to "
@@ -343,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             res = None
             for _ in range(1 + max(0, args.retries)):
                 wait_for_quiet(args.quiet_wait)
-                new = run_in_subprocess(row, iters, warmup, not args.no_retain, args.threads)
+                new = run_in_subprocess(row, iters, warmup, not args.no_retain, args.threads,
+                                        args.omp_passive)
                 if res is None or quiet_count(new) > quiet_count(res):
                     res = new
                 if quiet_count(res) >= min(3, iters):

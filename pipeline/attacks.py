@@ -199,9 +199,11 @@ def retain_freed_memory() -> bool:
                 mallopt = libc.mallopt
             except (OSError, AttributeError):
                 return False
-            m_trim_threshold, m_mmap_max = -1, -4
-            _RETAINED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold,
-                                                                     2**31 - 1))
+            m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+            # mmap off: every block comes from the heap; trim threshold -1: never give it back;
+            # one arena, so that threads started later (the median's) reuse the same memory.
+            _RETAINED = (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+                         and bool(mallopt(m_arena_max, 1)))
     return _RETAINED
 
 

@@ -243,8 +243,36 @@ _CAUCHY_CHUNK = 1 << 20  # values per slice
 
 def _linear_images(layer: AffineLayer, g: Tensor) -> Tensor:
     b, k = g.shape[:2]
-    out = layer.linear(g.reshape(b * k, *g.shape[2:]))
+    x = g.reshape(b * k, *g.shape[2:])
+    if _widening_cpu_conv(layer, x):
+        x = _channels_last(x)
+    out = layer.linear(x)
     return out.reshape(b, k, *out.shape[1:])
+
+
+def _widening_cpu_conv(layer: AffineLayer, x: Tensor) -> bool:
+    """A float32 CPU convolution whose output is at least 4x its input (e.g. the first layer).
+
+    oneDNN computes in a blocked layout and, for NCHW tensors, reorders its input and output (and
+    their gradients) into temporary copies; with channels-last tensors it needs none. Converting
+    a small input is cheap and spares the copies of the large output (memory and time).
+    """
+    if not (isinstance(layer, torch.nn.Conv2d) and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype == torch.float32):
+        return False
+    _, c, h, w = x.shape
+    sizes = [(n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, p, d, kk, s in zip(
+        (h, w), layer.padding, layer.dilation, layer.kernel_size, layer.stride)]
+    return layer.out_channels * sizes[0] * sizes[1] >= 4 * c * h * w
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) in channels-last order. With C = 1 both orders are the same memory, but
+    only explicit channels-last strides make the convolution choose (and return) that layout."""
+    _, c, h, w = x.shape
+    if c == 1 and x.is_contiguous():
+        return x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _median_abs(p: Tensor) -> Tensor:
@@ -273,7 +301,7 @@ class _MedianAbs(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         grad = torch.where(ctx.unclamped, grad, torch.zeros((), dtype=grad.dtype,
                                                              device=grad.device))
-        return ctx.signs.to(grad.dtype) * grad.unsqueeze(1)
+        return torch.mul(ctx.signs, grad.unsqueeze(1))  # int8 × float: one full-size pass
 
 
 _MEDIAN_BLOCK = 1024  # columns per block: the block (k × 1024 values) stays in the L2 cache
@@ -330,7 +358,7 @@ def _partition_blocks(a: np.ndarray, med: np.ndarray, signs: np.ndarray | None,
                 sel = np.abs(block) == row
                 np.multiply(np.sign(block), sel, out=signs[i, :, j0:j1], casting="unsafe")
 
-    threads = min(torch.get_num_threads(), len(blocks))
+    threads = min(_MEDIAN_THREADS or torch.get_num_threads(), len(blocks))
     if threads <= 1 or a.size < 1 << 20:
         work(blocks)
         return
@@ -338,6 +366,7 @@ def _partition_blocks(a: np.ndarray, med: np.ndarray, signs: np.ndarray | None,
     list(_pool(threads).map(work, [blocks[s:s + step] for s in range(0, len(blocks), step)]))
 
 
+_MEDIAN_THREADS: int | None = int(os.environ.get("PIPELINE_MEDIAN_THREADS", "0")) or None
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
