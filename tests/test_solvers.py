@@ -112,6 +112,21 @@ def test_known_optimum(name, backend):
     assert res.bound == pytest.approx(optimum, abs=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(KNOWN))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solution_is_feasible_and_attains_the_value(name, backend):
+    problem, _ = KNOWN[name]()
+    res = solve(problem, solver=backend, time_limit_s=10)
+    c = problem._compile()
+    x = res.solution
+    assert x is not None and x.shape == (problem.num_variables,)
+    assert np.all(x >= c.lower - 1e-7) and np.all(x <= c.upper + 1e-7)
+    ax = c.a @ x
+    assert np.all(ax >= c.row_lower - 1e-7) and np.all(ax <= c.row_upper + 1e-7)
+    assert np.allclose(x[c.integer], np.round(x[c.integer]), atol=1e-7)
+    assert c.cost @ x + c.constant == pytest.approx(res.value, abs=1e-6)
+
+
 @needs_gurobi
 @pytest.mark.parametrize("name", sorted(KNOWN))
 def test_highs_and_gurobi_agree(name):

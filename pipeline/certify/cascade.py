@@ -422,12 +422,15 @@ class Certifier:
             try:
                 with timer("milp"):
                     for start in self._milp_starts():
-                        outcome = self._milp(lower, upper, spec, start, todo, best, slopes,
-                                             known, priority, deadline, record)
+                        outcome, cex = self._milp(lower, upper, spec, start, todo, best, slopes,
+                                                  known, priority, deadline, record)
                         if outcome != "failed":
                             break
             except EncodingError as err:
                 return finish("unknown", "nonfinite", str(err))
+            if outcome == "falsified":
+                res.counterexample = cex
+                return finish("falsified", "milp")
             if outcome == "certified":
                 return finish("certified", "milp")
             if outcome == "timeout" or time.perf_counter() > deadline:
@@ -652,16 +655,18 @@ class Certifier:
     def _milp(self, lower: Tensor, upper: Tensor, spec: Spec, start: int, todo: Tensor,
               best: Tensor, slopes: dict[int, Tensor] | None,
               refined: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
-              deadline: float, record: Any) -> str:
+              deadline: float, record: Any) -> tuple[str, list[float] | None]:
         """Per open disjunct, hardest first; stops at the first one that fails (COLT's
-        fail_break). Returns "certified", "failed" or "timeout"."""
+        fail_break). Returns ("certified" | "failed" | "timeout", None) or ("falsified", the
+        counterexample): an encoding from the input box yields input points, and a negative one
+        that a plain forward pass confirms is a counterexample."""
         cfg = self.cfg
         with torch.no_grad():
             run = run_zonotope(self.net64, lower, upper, slopes=slopes, refined=refined,
                                keep=(start,) if start >= 0 else (), all_bounds=True,
                                compression=self.compression)
         if record(spec.lower(run.element)[0], "milp"):
-            return "certified"
+            return "certified", None
         prio = None
         if priority:
             prio = {r: p[0].reshape(-1).cpu().numpy() for r, p in priority.items()}
@@ -669,7 +674,7 @@ class Certifier:
         for k in sorted(todo.nonzero().reshape(-1).tolist(), key=lambda k: float(best[k])):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
-                return "timeout"
+                return "timeout", None
             a, b = spec.disjunct(k)
             if enc is None or len(a) > 1:  # a multi-row objective adds rows: a fresh encoding
                 enc = self.encoder.encode(lower, upper, run, start=start, priorities=prio,
@@ -686,9 +691,25 @@ class Certifier:
                 # only a verified one closes the disjunct (record's tolerance test).
                 bound[k] = out.bound if out.verified else min(out.bound, cfg.margin_tolerance)
                 record(bound, "milp")
+            if out.input_point is not None and out.value is not None and out.value < 0:
+                cex = self._confirmed_point(out.input_point, lower, upper, spec)
+                if cex is not None:
+                    return "falsified", cex
             if not out.verified:
-                return "timeout" if out.status == "time_limit" else "failed"
-        return "certified" if not bool(todo.any()) else "failed"
+                return ("timeout" if out.status == "time_limit" else "failed"), None
+        return ("certified" if not bool(todo.any()) else "failed"), None
+
+    def _confirmed_point(self, point: np.ndarray, lower: Tensor, upper: Tensor,
+                         spec: Spec) -> list[float] | None:
+        """``point`` (a solver's input values) clipped into the box, if the network's plain
+        float64 forward pass violates the property there; else None."""
+        x = torch.as_tensor(point, dtype=torch.float64, device=lower.device).reshape(lower.shape)
+        x = torch.maximum(torch.minimum(x, upper), lower)
+        with torch.no_grad():
+            y = self.net64(x)
+        if bool(torch.isfinite(y).all()) and bool(spec.violated(y).all()):
+            return x.reshape(-1).tolist()
+        return None
 
     # -- batched (tuning) ----------------------------------------------------------------------
 
@@ -762,7 +783,8 @@ class Certifier:
 
             one = torch.tensor([k], device=self.device)
             try:
-                outcome = self._milp(lower[j:j + 1], upper[j:j + 1], spec.select(rows[k:k + 1]),
+                outcome, _ = self._milp(lower[j:j + 1], upper[j:j + 1],
+                                        spec.select(rows[k:k + 1]),
                                      self._milp_starts()[0], open_, best,
                                      {r: s_[one] for r, s_ in out.slopes.items()},
                                      {r: (lo[one], up[one]) for r, (lo, up) in known.items()},

@@ -508,6 +508,9 @@ class DisjunctResult:
     runtime_s: float
     solver: str
     message: str = ""
+    # The input part of the best solution when the encoding starts at the input box (a candidate
+    # counterexample: exact only for a complete encoding, so callers confirm it by a forward pass).
+    input_point: np.ndarray | None = field(default=None, repr=False)
 
 
 def set_disjunct_objective(enc: NetEncoding, A: np.ndarray, b: np.ndarray) -> MilpProblem:
@@ -548,8 +551,11 @@ def solve_disjunct(enc: NetEncoding, A: np.ndarray, b: np.ndarray, *, solver: st
     # Only a proved bound certifies: a time limit or solver trouble never does.
     verified = (res.status in ("optimal", "stopped_positive") and math.isfinite(res.bound)
                 and res.bound > tolerance)
+    point = None
+    if enc.start == -1 and res.solution is not None:
+        point = res.solution[enc.columns[-1]]
     return DisjunctResult(verified, res.bound, res.value, res.status,
-                          time.perf_counter() - t0, res.solver, res.message)
+                          time.perf_counter() - t0, res.solver, res.message, point)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,6 +257,8 @@ class SolveResult:
 
     bound: valid lower bound on the minimum (-inf if none known, +inf if infeasible).
     value: objective of the best feasible solution found, or None.
+    solution: the column values of that solution (None without one); callers turn it into a
+    candidate counterexample, which they must confirm themselves.
     """
 
     status: Status
@@ -265,6 +267,7 @@ class SolveResult:
     solver: str
     runtime_s: float
     message: str = ""
+    solution: np.ndarray | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -421,7 +424,7 @@ def solve(
 def _with_runtime(res: SolveResult, t0: float) -> SolveResult:
     # Report wall time of the whole call, including model building and any fallback.
     return SolveResult(res.status, res.bound, res.value, res.solver,
-                       time.perf_counter() - t0, res.message)
+                       time.perf_counter() - t0, res.message, res.solution)
 
 
 # --------------------------------------------------------------------------------------
@@ -521,6 +524,16 @@ def _solve_highs(
             # immediately.  Recreate the scheduler and try once more.
             highspy.Highs.resetGlobalScheduler(True)
             run_status = h.run()
+        if is_mip and h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:
+            # HiGHS's MIP presolve has declared feasible certification models (big-M ReLUs
+            # over ~20k columns) infeasible. Infeasibility must be proved, so check the claim
+            # once without presolve, in the time that is left.
+            left = time_limit_s - h.getRunTime()
+            if left > 0:
+                h.setOptionValue("presolve", "off")
+                h.setOptionValue("time_limit", left)
+                h.clearSolver()
+                run_status = h.run()
 
         ms = h.getModelStatus()
         info = h.getInfo()
@@ -530,6 +543,7 @@ def _solve_highs(
     MS = highspy.HighsModelStatus
     has_sol = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
     value = float(info.objective_function_value) if has_sol else None
+    solution = np.asarray(h.getSolution().col_value, dtype=np.float64) if has_sol else None
     mip_bound = float(info.mip_dual_bound) if is_mip else -math.inf
     if is_mip and (math.isnan(mip_bound) or mip_bound >= math.inf):
         mip_bound = -math.inf  # no meaningful dual bound reported
@@ -537,25 +551,25 @@ def _solve_highs(
 
     if ms == MS.kOptimal:
         if is_mip:
-            return SolveResult("optimal", mip_bound, value, "highs", 0.0, msg)
+            return SolveResult("optimal", mip_bound, value, "highs", 0.0, msg, solution)
         # LP solved to optimality: the optimal objective is the bound.
         return SolveResult("optimal", value if value is not None else -math.inf, value,
-                           "highs", 0.0, msg)
+                           "highs", 0.0, msg, solution)
     if ms == MS.kModelEmpty:
         # No rows and no columns: the minimum is the constant.
-        return SolveResult("optimal", c.constant, c.constant, "highs", 0.0, msg)
+        return SolveResult("optimal", c.constant, c.constant, "highs", 0.0, msg, solution)
     if ms == MS.kInfeasible:
-        return SolveResult("infeasible", math.inf, None, "highs", 0.0, msg)
+        return SolveResult("infeasible", math.inf, None, "highs", 0.0, msg, solution)
     if ms == MS.kInterrupt and state["why"] == "positive":
         # Both numbers are valid lower bounds; the final one can only be tighter.
         return SolveResult("stopped_positive", max(mip_bound, state["bound"]), value,
-                           "highs", 0.0, msg)
+                           "highs", 0.0, msg, solution)
     if ms == MS.kInterrupt and state["why"] == "negative":
         if value is None or value >= state["value"] + 1e-12:
             value = state["value"]
-        return SolveResult("stopped_negative", mip_bound, value, "highs", 0.0, msg)
+        return SolveResult("stopped_negative", mip_bound, value, "highs", 0.0, msg, solution)
     if ms == MS.kTimeLimit:
-        return SolveResult("time_limit", mip_bound, value, "highs", 0.0, msg)
+        return SolveResult("time_limit", mip_bound, value, "highs", 0.0, msg, solution)
     # Unbounded, unbounded-or-infeasible, iteration limit, solver failure...: claim
     # nothing (no bound, no incumbent) so that no caller can mistake it for a result.
     return SolveResult("error", -math.inf, None, "highs", 0.0,
@@ -684,6 +698,7 @@ def _solve_gurobi(
 
         sol_count = model.SolCount
         value = _grb_num(model.ObjVal) if sol_count > 0 else None
+        solution = np.asarray(x.X, dtype=np.float64) if sol_count > 0 else None
 
         def mip_bound() -> float:
             try:
@@ -693,20 +708,20 @@ def _solve_gurobi(
 
         if status == GRB.OPTIMAL:
             bound = mip_bound() if is_mip else (value if value is not None else -math.inf)
-            return SolveResult("optimal", bound, value, "gurobi", 0.0, "optimal")
+            return SolveResult("optimal", bound, value, "gurobi", 0.0, "optimal", solution)
         if status == GRB.INFEASIBLE:
-            return SolveResult("infeasible", math.inf, None, "gurobi", 0.0, "infeasible")
+            return SolveResult("infeasible", math.inf, None, "gurobi", 0.0, "infeasible", solution)
         if status == GRB.INTERRUPTED and state["why"] == "positive":
             return SolveResult("stopped_positive", max(mip_bound(), state["bound"]), value,
-                               "gurobi", 0.0, "interrupted: dual bound above threshold")
+                               "gurobi", 0.0, "interrupted: dual bound above threshold", solution)
         if status == GRB.INTERRUPTED and state["why"] == "negative":
             if value is None:
                 value = state["value"]
             return SolveResult("stopped_negative", mip_bound(), value, "gurobi", 0.0,
-                               "interrupted: incumbent below threshold")
+                               "interrupted: incumbent below threshold", solution)
         if status == GRB.TIME_LIMIT:
             bound = mip_bound() if is_mip else -math.inf
-            return SolveResult("time_limit", bound, value, "gurobi", 0.0, "time limit")
+            return SolveResult("time_limit", bound, value, "gurobi", 0.0, "time limit", solution)
         # Unbounded, numerical trouble, ...: claim nothing (see the HiGHS backend).
         names = {GRB.UNBOUNDED: "unbounded", GRB.NUMERIC: "numerical trouble",
                  GRB.SUBOPTIMAL: "suboptimal", GRB.INF_OR_UNBD: "infeasible or unbounded"}
