@@ -33,14 +33,7 @@ COLT_PT = Path("/work/shared/benchmarks/colt/mnist_0.1_convmed_flat_2_2_100.pt")
 MNIST_DIR = Path("/work/shared/benchmarks/mnist")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The tensors here are small: one intra-op thread is faster, and much faster on a loaded
-    machine (the threads spin-wait). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 def gen(seed: int) -> torch.Generator:

@@ -46,12 +46,7 @@ needs_colt = pytest.mark.skipif(not (COLT_PT.exists() and MNIST_CSV.exists()),
                                 reason="COLT's MNIST network or ERAN's CSV not available")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problems: threads only add overhead
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 # ---------------------------------------------------------------------------------------------

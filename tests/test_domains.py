@@ -27,14 +27,7 @@ DT = torch.float64
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The tensors here are small: one intra-op thread is faster, and much faster on a loaded
-    machine (the threads spin-wait). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,14 +20,7 @@ MNIST = ((0.1307,), (0.3081,))
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The tensors here are small: one intra-op thread is faster, and much faster on a loaded
-    machine (the threads spin-wait). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 needs_colt = pytest.mark.skipif(not COLT_PT.exists(), reason="COLT's released weights not present")
 needs_mnist = pytest.mark.skipif(
