@@ -571,6 +571,35 @@ def test_cli_writes_and_resumes_jsonl(tmp_path, capsys):
     assert code == 2 and "eps" in stderr and out.read_bytes() == before
 
 
+def test_cli_retry_unknown_reruns_only_unknown_inputs(tmp_path, capsys):
+    """COLT's tries: a cheap first run leaves inputs unknown; --retry-unknown with the full
+    cascade runs exactly those again, appends their new lines (try 2), and the summary counts the
+    last line of each input."""
+    if not (COLT_ONNX.exists() and (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()):
+        pytest.skip("COLT ONNX file or MNIST IDX files not available")
+    out = tmp_path / "res.jsonl"
+    base = ["--model", COLT_ONNX, "--mean", "0.1307", "--std", "0.3081", "--dataset", "mnist",
+            "--data-dir", MNIST_DIR, "--eps", "0.14", "--end", "6", "--out", out]
+    cheap = ["--set", "milp=false", "--set", "slope_iters=0", "--set", "pgd_restarts=0",
+             "--set", "pgd_quick_restarts=0"]
+    assert run_cli(base + cheap, capsys)[0] == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    unknown = [r["index"] for r in first if r["status"] == "unknown"]
+    assert unknown, "the cheap run should leave an input unknown at eps 0.14"
+    before = out.read_bytes()
+    assert run_cli(base, capsys)[0] == 0 and out.read_bytes() == before  # plain resume: nothing
+    code, stdout, _ = run_cli(base + ["--retry-unknown"], capsys)
+    assert code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert out.read_bytes().startswith(before)
+    retried = lines[len(first):]
+    assert [r["index"] for r in retried] == unknown and all(r["try"] == 2 for r in retried)
+    final = read_results(out)
+    n_cert = sum(r["status"] == "certified" for r in final.values())
+    assert f"certified {n_cert} (" in stdout and len(final) == 6
+    assert n_cert > sum(r["status"] == "certified" for r in first)
+
+
 def _onnx_model(path: Path, op: str = "Relu", n_in: tuple[int, ...] = (3, 32, 32),
                 hidden: int = 8, bias_boost: tuple[int, float] | None = None, seed: int = 0):
     import onnx

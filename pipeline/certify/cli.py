@@ -11,7 +11,10 @@
 
 One JSON line per input (index, label, predicted, status, method, time_s, counterexample for
 falsified, per-label bounds) is appended to ``--out`` with flush + fsync; inputs already in the file
-are skipped, so a killed run resumes (a torn last line is dropped). A summary (counts and % per
+are skipped, so a killed run resumes (a torn last line is dropped). ``--retry-unknown`` runs the
+inputs the file holds as unknown again, as COLT's certification scripts do in later "tries" with
+larger budgets (e.g. ``--timeout-per-input 300 --set lp_refine=true``); the last line of an input
+counts. A summary (counts and % per
 status, time per input mean / median / p95) is logged and printed at the end.
 
 The cascade's settings come from CertifyConfig: ``--config STUDY.toml`` reads its
@@ -153,13 +156,15 @@ def format_summary(summary: dict[str, Any]) -> str:
 def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
                     cfg: CertifyConfig | None = None, out: str | Path | None = None, *,
                     start: int = 0, end: int | None = None, device: str | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, retry_unknown: bool = False) -> dict[str, Any]:
     """Certify inputs ``start..end-1`` of a data set and return :func:`summarize` of them.
 
     ``data``: a DataConfig (its ``split`` is loaded with pipeline.data.load_split) or an indexable
     data set of (image in [0, 1], label). With ``out``, results are appended to that JSONL file
     and inputs already there are skipped (resume). ``cfg.n_inputs`` > 0 caps the count when
-    ``end`` is None.
+    ``end`` is None. ``retry_unknown``: inputs whose line says ``unknown`` are certified again
+    (COLT's tries: a later try with a larger budget; its line supersedes the earlier one and
+    counts its try in ``try``).
     """
     cfg = cfg or CertifyConfig()
     if not eps >= 0:
@@ -179,14 +184,17 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
     _check_resumed(done, eps, out)
     certifier = Certifier(net, cfg, _device(device))
     writer = ResultsWriter(out)
-    todo = [i for i in range(start, end) if i not in done]
-    rows = {i: done[i] for i in range(start, end) if i in done}
+    todo = [i for i in range(start, end)
+            if i not in done or (retry_unknown and done[i].get("status") == "unknown")]
+    rows = {i: done[i] for i in range(start, end) if i in done and i not in todo}
     try:
         bar = _progress(todo, progress, len(rows), end - start)
         for i in bar:
             image, label = dataset[i]
             result = certifier.certify(image, int(label), eps, index=i)
             row = {**result.to_json(), "eps": eps}
+            if i in done:
+                row["try"] = int(done[i].get("try", 1)) + 1
             writer.write(row)
             rows[i] = row
             if hasattr(bar, "set_postfix"):
@@ -266,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=("highs", "gurobi", "auto"))
     p.add_argument("--timeout-per-input", type=float, help="seconds for the whole cascade")
     p.add_argument("--out", help="JSONL results file (appended; resumes)")
+    p.add_argument("--retry-unknown", action="store_true",
+                   help="certify again the inputs --out holds as unknown (a later try, e.g. with "
+                        "a larger --timeout-per-input; the new line supersedes the old)")
     p.add_argument("--config", help="study TOML file; its [certify_test] table is used")
     p.add_argument("--table", default="certify_test", help="table of --config to read")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -351,7 +362,8 @@ def _prepare(args: argparse.Namespace) -> Any:
 def _run_dataset(net: Net, dataset: Any, eps: float, cfg: CertifyConfig,
                  args: argparse.Namespace, device: torch.device) -> int:
     summary = certify_dataset(net, dataset, args.split, eps, cfg, args.out, start=args.start,
-                              end=args.end, device=str(device), progress=not args.no_progress)
+                              end=args.end, device=str(device), progress=not args.no_progress,
+                              retry_unknown=args.retry_unknown)
     print(format_summary(summary))
     for method, stats in summary["by_method"].items():
         print(f"  {method}: {stats['n']} inputs, time mean {stats['time_mean_s']:.3f}s median "
