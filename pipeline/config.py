@@ -187,7 +187,6 @@ class CertifyConfig:
     margin_tolerance: float = 1e-6
     n_inputs: int = 0  # 0 = all inputs of the split
     seed: int = 0
-    # --- added with pipeline/certify/cascade.py ---
     # A cheap attack runs before the zonotope; the full one (pgd_restarts x pgd_steps) only if
     # the zonotope with slopes fails. Same total travel: step = pgd_step_size*pgd_steps/quick_steps.
     pgd_quick_restarts: int = 2
