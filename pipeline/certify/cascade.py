@@ -783,13 +783,12 @@ class Certifier:
 
             one = torch.tensor([k], device=self.device)
             try:
-                outcome, _ = self._milp(lower[j:j + 1], upper[j:j + 1],
-                                        spec.select(rows[k:k + 1]),
-                                     self._milp_starts()[0], open_, best,
-                                     {r: s_[one] for r, s_ in out.slopes.items()},
-                                     {r: (lo[one], up[one]) for r, (lo, up) in known.items()},
-                                     {r: p[one] for r, p in out.priority.items()} or None,
-                                     deadline, record)
+                outcome, _ = self._milp(
+                    lower[j:j + 1], upper[j:j + 1], spec.select(rows[k:k + 1]),
+                    self._milp_starts()[0], open_, best,
+                    {r: s_[one] for r, s_ in out.slopes.items()},
+                    {r: (lo[one], up[one]) for r, (lo, up) in known.items()},
+                    {r: p[one] for r, p in out.priority.items()} or None, deadline, record)
             except EncodingError:
                 outcome = "failed"
             if outcome == "certified":
