@@ -183,7 +183,7 @@ def full(args: argparse.Namespace) -> None:
                                                                       "unknown")}
         times = sorted(r.get("time_last_try_s", r["time_s"]) for r in retried)
         extra.append(f"Later tries: {len(retried)} inputs unknown after the first run were "
-                     f"certified again ({', '.join(f'{k} {v}' for k, v in counts.items())}; "
+                     f"run through the cascade again ({', '.join(f'{k} {v}' for k, v in counts.items())}; "
                      f"time of the later try per input median {times[len(times) // 2]:.1f} s, "
                      f"max {times[-1]:.1f} s). The tables above count each input's last try, "
                      "with the time of all its tries.")
