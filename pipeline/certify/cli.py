@@ -184,9 +184,9 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
     _check_resumed(done, eps, out)
     certifier = Certifier(net, cfg, _device(device))
     writer = ResultsWriter(out)
-    todo = [i for i in range(start, end)
-            if i not in done or (retry_unknown and done[i].get("status") == "unknown")]
-    rows = {i: done[i] for i in range(start, end) if i in done and i not in todo}
+    rows = {i: done[i] for i in range(start, end)
+            if i in done and not (retry_unknown and done[i].get("status") == "unknown")}
+    todo = [i for i in range(start, end) if i not in rows]
     try:
         bar = _progress(todo, progress, len(rows), end - start)
         for i in bar:
