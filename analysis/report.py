@@ -303,7 +303,10 @@ def study_section(data: StudyData) -> list[str]:
         lines.append("Pareto-optimal trials (validation natural vs certified): "
                      + ", ".join(f"#{n}" for n in done["number"][mask]))
     lines.append("")
-    done = t[t["state"] == "COMPLETE"].assign(_cert=figures.cert_score(t))
+    done = t[t["state"] == "COMPLETE"]
+    # Scored on the complete trials only: assigning a Series to an empty frame would adopt the
+    # Series' index and bring back every (failed) trial as a row of NaNs.
+    done = done.assign(_cert=figures.cert_score(done))
     top = done.sort_values(["_cert", "number"], ascending=[False, True]).head(10)
     if len(top):
         lines.append("Complete trials, best first (accuracies on the validation split, %):")

@@ -439,6 +439,18 @@ def load_split(cfg: DataConfig, split: SplitName) -> ImageTensorDataset:
     return _download(cfg.dataset, data_dir, split)
 
 
+def split_on_disk(cfg: DataConfig, split: SplitName) -> bool:
+    """Whether the files of ``split`` are where :func:`load_split` looks (nothing is read), so a
+    command can find a missing data set before it starts any work."""
+    if cfg.dataset == "digits":
+        return True  # bundled with scikit-learn
+    data_dir = Path(cfg.data_dir).expanduser()
+    if cfg.dataset == "cifar10":
+        return all((data_dir / _CIFAR_FOLDER / name).is_file() for name in _CIFAR_FILES[split])
+    return any(all(_find_idx_file(folder, name) is not None for name in _idx_names(split))
+               for folder in _idx_folders(cfg.dataset, data_dir))
+
+
 # ---------------------------------------------------------------------------------------------
 # Train/validation split
 

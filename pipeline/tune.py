@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import platform
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -322,11 +325,28 @@ def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
 
 def score(net: Any, loader: Any, cfg: TrainConfig, study: StudyFile) -> dict[str, float]:
     """Validation accuracies: natural, PGD and certified by the cascade's cheap stages."""
+    from tqdm import tqdm
+
     from pipeline.certify.cascade import certified_accuracy
 
     c = study.certify_val
-    return certified_accuracy(net, loader, cfg.eps, c, max_inputs=c.n_inputs or None,
-                              device=next(net.parameters()).device)
+    size = len(loader.dataset) if hasattr(loader, "dataset") else None
+    n = min(size, c.n_inputs) if size is not None and c.n_inputs else size
+    log.info("scoring on %s validation images", n if n is not None else "all")
+    if size is None or not getattr(loader, "batch_size", None):
+        return certified_accuracy(net, loader, cfg.eps, c, max_inputs=c.n_inputs or None,
+                                  device=next(net.parameters()).device)
+    # Progress over the batches that certified_accuracy reads (it stops after n inputs); a
+    # generator, so that it is iterated batch by batch like the loader itself.
+    with tqdm(total=math.ceil(n / loader.batch_size), desc="validation", unit="batch",
+              leave=False, disable=None) as bar:
+        def batches() -> Any:
+            for batch in loader:
+                yield batch
+                bar.update(1)
+
+        return certified_accuracy(net, batches(), cfg.eps, c, max_inputs=c.n_inputs or None,
+                                  device=next(net.parameters()).device)
 
 
 class Objective:
@@ -340,6 +360,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         study = self.study
         knobs = {p.name: p.suggest(trial) for p in study.search}
+        log.info("started%s", trial_text(trial, knobs))
         cfg = study.trial_config(knobs)
         if self.device:
             cfg = _replace_device(cfg, self.device)
@@ -366,6 +387,7 @@ class Objective:
                 return
             stage_times.append(time.perf_counter() - stage_start[0])
             scores.update(score(report.net, loaders.valid, cfg, study))
+            log.info("stage %d scored: %s", report.stage, score_text(scores))
             report.net.train()
             trial.set_user_attr("stage_time_s", stage_times)
             trial.set_user_attr(f"stage{report.stage}_val", scores)
@@ -444,7 +466,7 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
     study.set_user_attr("artifact_dir", str(artifacts.resolve()))
     total = n_trials or study_file.settings.n_trials
     storage.cap = total
-    objective = Objective(study_file, runs_dir, device, store)
+    objective = logged(Objective(study_file, runs_dir, device, store), study_file)
     deadline = None if timeout is None else time.monotonic() + timeout
     failed = [0]
     stop_at_cap = optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)
@@ -470,8 +492,10 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
         try:
             study.optimize(objective, n_trials=total, timeout=remaining,
                            catch=(torch.OutOfMemoryError,),
-                           callbacks=[stop_at_cap, count_failures])
+                           callbacks=[stop_at_cap, count_failures, log_trial_end])
             waiting_since = None
+        except KeyboardInterrupt:
+            raise TuningInterrupted(study, _RUN.interrupted) from None
         except TrialCapReached:
             running = [t.number for t in study.get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
@@ -483,8 +507,214 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
             pause = float(study_file.settings.heartbeat_interval_s)
             if deadline is not None:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
-            time.sleep(pause)
+            try:
+                time.sleep(pause)
+            except KeyboardInterrupt:
+                raise TuningInterrupted(study, None) from None
     return study
+
+
+# --------------------------------------------------------------------------------------------
+# The run log: one line when a trial starts, at each stage's score and when it ends; Ctrl-C
+
+
+INTERRUPTED_REASON = "interrupted by the user (Ctrl-C)"
+
+
+class TuningInterrupted(Exception):
+    """Ctrl-C during tuning: the study and the trial it stopped (None: between trials)."""
+
+    def __init__(self, study: optuna.Study, trial_number: int | None) -> None:
+        super().__init__(f"interrupted (trial {trial_number})")
+        self.study = study
+        self.trial_number = trial_number
+
+
+class _RunState:
+    """The trial this process is running (the log prefix) and the one Ctrl-C stopped."""
+
+    trial: int | None = None
+    interrupted: int | None = None
+
+
+_RUN = _RunState()
+
+
+def logged(objective: Any, study_file: StudyFile) -> Any:
+    """The objective with the trial number as log prefix and Ctrl-C recorded as the trial's
+    ``fail_reason`` (Optuna then marks it FAIL and re-raises)."""
+
+    def run(trial: optuna.Trial) -> Any:
+        _RUN.trial, _RUN.interrupted = trial.number, None
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            _RUN.interrupted = trial.number
+            with contextlib.suppress(Exception):  # a second Ctrl-C or a lost connection
+                trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
+            raise
+        finally:
+            _RUN.trial = None
+
+    return run
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_text(trial: optuna.Trial, knobs: dict[str, Any]) -> str:
+    """What the start line says after "started": published / retry, then the knobs."""
+    notes = []
+    if trial.user_attrs.get("published"):
+        notes.append("published hyperparameters")
+    with contextlib.suppress(Exception):
+        original = original_trial_number(trial.study, trial)
+        if original != trial.number:
+            notes.append(f"resumes trial {original}")
+    head = f" ({', '.join(notes)})" if notes else ""
+    return head + ": " + (", ".join(f"{k}={_fmt_value(v)}" for k, v in knobs.items()) or
+                          "no tuned knobs")
+
+
+def score_text(scores: dict[str, Any]) -> str:
+    """``val cert 0.523 (95% 0.467-0.579, n=300), nat 0.912, pgd 0.700``."""
+    from pipeline.stats import wilson_interval
+
+    text = f"val cert {scores['cert_acc']:.3f}"
+    n, cert = scores.get("n"), scores.get("cert")
+    if isinstance(n, int) and isinstance(cert, int) and n > 0:
+        lo, hi = wilson_interval(cert, n)
+        text += f" (95% {lo:.3f}-{hi:.3f}, n={n})"
+    return text + f", nat {scores['nat_acc']:.3f}, pgd {scores['pgd_acc']:.3f}"
+
+
+def last_scores(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """The validation scores of the last stage the trial finished (user attr ``stage<k>_val``)."""
+    stages = sorted(int(k[len("stage"):-len("_val")]) for k in trial.user_attrs
+                    if k.startswith("stage") and k.endswith("_val") and k[5:-4].isdigit())
+    return trial.user_attrs[f"stage{stages[-1]}_val"] if stages else None
+
+
+def _duration(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return "–"
+    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def log_trial_end(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Study callback: the trial's state, score and time in one line."""
+    scores = last_scores(trial)
+    if trial.state == optuna.trial.TrialState.FAIL:
+        what = trial.user_attrs.get("fail_reason") or "an error, see above"
+        log.info("trial %d finished: FAIL (%s) after %s", trial.number, what, _duration(trial))
+        return
+    where = ""
+    if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+        where = f" after stage {max(trial.intermediate_values)}"
+    log.info("trial %d finished: %s%s, %s, in %s", trial.number, trial.state.name, where,
+             score_text(scores) if scores else "no score", _duration(trial))
+
+
+# Knobs of the short epoch line: (metric, label, format).
+_EPOCH_FIELDS = (("loss", "loss", ".3f"), ("nat_acc", "nat", ".3f"), ("adv_acc", "adv", ".3f"),
+                 ("kappa", "kappa", ".2f"), ("time_s", "", ".1f"))
+
+
+class _RunLogFilter(logging.Filter):
+    """For the tuning CLI's log handler: the trial number as prefix (``%(trial)s``), short epoch
+    lines, and no traceback for Optuna's "trial failed" record when the error is one that
+    :func:`main` reports in one line anyway (Ctrl-C: no record at all)."""
+
+    def __init__(self, quiet: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.trial = f"trial {_RUN.trial}: " if _RUN.trial is not None else ""
+        if (record.name == "pipeline.train" and record.msg == "stage %d epoch %d: %s"
+                and isinstance(record.args, tuple) and len(record.args) == 3):
+            record.msg, record.args = "stage %d epoch %d: %s", (
+                record.args[0], record.args[1], _short_epoch(str(record.args[2])))
+        if record.name.startswith("optuna") and record.exc_info:
+            error = record.exc_info[1]
+            if isinstance(error, KeyboardInterrupt):
+                return False
+            if isinstance(error, self.quiet):
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _short_epoch(text: str) -> str:
+    values: dict[str, float] = {}
+    for part in text.split(", "):
+        key, _, value = part.partition("=")
+        with contextlib.suppress(ValueError):
+            values[key] = float(value)
+    out = [f"{label} {values[key]:{spec}}" if label else f"{values[key]:{spec}} s"
+           for key, label, spec in _EPOCH_FIELDS if key in values]
+    return ", ".join(out) if out else text
+
+
+def setup_logging() -> None:
+    """INFO lines on stderr with the trial prefix; Optuna's records through the same handler.
+    Leaves logging alone when the root logger already has handlers (e.g. under pytest)."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(trial)s%(message)s",
+                                           datefmt="%H:%M:%S"))
+    handler.addFilter(_RunLogFilter((ConfigError, StorageError, CheckpointError, DataError,
+                                     LookupError, torch.OutOfMemoryError)))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+def requeue_interrupted(study: optuna.Study, number: int) -> int | None:
+    """Mark the stopped trial FAIL (if Ctrl-C came before Optuna did) and queue it again, as the
+    heartbeat does for a dead worker's trial: the retry resumes from its last checkpoint in the
+    same run folder. Returns the retry's number."""
+    import warnings
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trial = trials.get(number)
+    if trial is None:
+        return None
+    storage = study._storage  # noqa: SLF001 (no public API for a trial by id)
+    if trial.state == optuna.trial.TrialState.RUNNING:
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED_REASON)
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    system_attrs = {"failed_trial": number, "retry_history": [], **trial.system_attrs}
+    system_attrs["retry_history"] = [*system_attrs["retry_history"], number]
+    system_attrs.pop("fixed_params", None)
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.add_trial(optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=trial.params,
+            distributions=trial.distributions, user_attrs=user_attrs, system_attrs=system_attrs,
+            intermediate_values=trial.intermediate_values))
+    waiting = [t.number for t in study.get_trials(deepcopy=False,
+                                                   states=(optuna.trial.TrialState.WAITING,))]
+    return max(waiting) if waiting else None
+
+
+def tune_command(study_file: StudyFile, storage_url: str, overrides: list[str],
+                 *extra: str) -> str:
+    """The ``python -m pipeline.tune`` command for this study, storage and ``--set`` values."""
+    words = ["python", "-m", "pipeline.tune", "--study", study_file.path,
+             "--storage", redact(storage_url)]
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join([*words, *extra])
 
 
 def validate_layers_of(study_file: StudyFile) -> None:
@@ -497,28 +727,147 @@ def validate_layers_of(study_file: StudyFile) -> None:
             raise ConfigError(f"{study_file.path}: {err}") from None
 
 
-def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str) -> None:
+def check_data(study_file: StudyFile, splits: tuple[str, ...]) -> None:
+    """A missing data set is found before any trial starts or the storage is touched: the
+    files are looked for on disk, and only if absent loaded (that is, downloaded when allowed),
+    so a failure is one DataError whose fix names this command's ``--set`` keys."""
+    from pipeline.data import DataError, load_split, split_on_disk
+
+    cfg = study_file.trial_config(study_file.published_knobs()).data
+    for split in splits:
+        if split_on_disk(cfg, split):
+            continue
+        try:
+            load_split(cfg, split)
+        except DataError as err:
+            # pipeline.data speaks of a [train] table (pipeline.train's --set keys); a study file
+            # nests the data table in [train].
+            message = str(err).replace("--set data.", "--set train.data.")
+            raise type(err)(f"{study_file.path}: {message}") from None
+
+
+def _acc(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else "–"
+
+
+def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str,
+                  overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """The trials as a short table, the best trial and the commands that launch and show it."""
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    print(f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()))
-    for t in trials:
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            print(f"  trial {t.number}: val nat {t.user_attrs.get(VAL_NAT, float('nan')):.3f} "
-                  f"pgd {t.user_attrs.get(VAL_PGD, float('nan')):.3f} "
-                  f"cert {t.user_attrs.get(VAL_CERT, float('nan')):.3f}  {t.params}")
+    print(f"study {study.study_name}: {len(trials)} trials ("
+          + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()) + ")")
+    if trials:
+        rows = [("#", "state", "val nat", "val pgd", "val cert", "95% interval", "time", "note")]
+        for t in trials:
+            scores = last_scores(t) or {}
+            interval = "–"
+            if isinstance(scores.get("n"), int) and isinstance(scores.get("cert"), int) \
+                    and scores["n"] > 0:
+                from pipeline.stats import wilson_interval
+
+                lo, hi = wilson_interval(scores["cert"], scores["n"])
+                interval = f"{lo:.3f}-{hi:.3f}"
+            notes = []
+            if t.user_attrs.get("published"):
+                notes.append("published")
+            if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values:
+                notes.append(f"pruned after stage {max(t.intermediate_values)}")
+            if t.user_attrs.get("fail_reason"):
+                notes.append(str(t.user_attrs["fail_reason"])[:60])
+            if "retry_of" in t.user_attrs:
+                notes.append(f"retry of {t.user_attrs['retry_of']}")
+            elif t.system_attrs.get("failed_trial") is not None:
+                notes.append(f"queued retry of {t.system_attrs['failed_trial']}")
+            rows.append((str(t.number), t.state.name.lower(), _acc(scores.get("nat_acc")),
+                         _acc(scores.get("pgd_acc")), _acc(scores.get("cert_acc")), interval,
+                         _duration(t) if t.datetime_complete else "–", ", ".join(notes)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  (validation scores of the last stage each trial finished; interval: Wilson "
+              "95% of the certified rate)")
+    floor = study_file.settings.min_nat_acc
     try:
-        best = best_trial(study, study_file.settings.min_nat_acc)
+        best = best_trial(study, floor)
         print(f"best trial: {best.number} (validation certified accuracy "
               f"{best.user_attrs[VAL_CERT]:.3f}, natural {best.user_attrs[VAL_NAT]:.3f})")
-        print(f"launch it:  python -m pipeline.tune --study {study_file.path} "
-              f"--storage {redact(storage_url)} --launch-best")
-    except LookupError as err:
-        print(err)
+        print("launch it:  " + tune_command(study_file, storage_url, list(overrides),
+                                            "--launch-best"))
+    except LookupError:
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                    and VAL_CERT in t.user_attrs]
+        if not complete:
+            print("best trial: none yet (no complete trial)")
+        else:
+            top = max(complete, key=lambda t: (t.user_attrs[VAL_CERT],
+                                               t.user_attrs.get(VAL_NAT, 0.0)))
+            print(f"best trial: none meets the natural-accuracy floor (study.min_nat_acc = "
+                  f"{floor}); the best without it is trial {top.number} (validation certified "
+                  f"accuracy {top.user_attrs[VAL_CERT]:.3f}, natural "
+                  f"{top.user_attrs.get(VAL_NAT, float('nan')):.3f})")
+            print("launch it anyway: " + tune_command(study_file, storage_url, list(overrides),
+                                                     "--launch-best", "--trial",
+                                                     str(top.number)))
     artifacts = study.user_attrs.get("artifact_dir")
-    print(f"look at it: optuna-dashboard {redact(storage_url)}"
-          + (f" --artifact-dir {artifacts}" if artifacts else ""))
+    print(f"look at it: optuna-dashboard {shlex.quote(redact(storage_url))}"
+          + (f" --artifact-dir {shlex.quote(artifacts)}" if artifacts else ""))
+
+
+def print_launch(entry: dict[str, Any], study_name: str) -> None:
+    """The outcome of a launch as a short table (the full record is the study attribute
+    ``launches``)."""
+    from pipeline.stats import wilson_interval
+
+    n = entry.get("n_test") or 0
+    cert = entry.get("test_cert_acc")
+    interval = ""
+    if n and isinstance(cert, float):
+        lo, hi = wilson_interval(round(cert * n), n)
+        interval = f"  (95% {lo:.3f}-{hi:.3f})"
+    print(f"launch of trial {entry['trial']} ({study_name}, {entry.get('epochs_per_stage')} "
+          f"epochs a stage):")
+    print(f"  {'':<22}{'natural':>9}{'PGD':>9}{'certified':>11}")
+    print(f"  {'validation (tuning)':<22}{_acc(entry.get('val_nat_acc')):>9}{'':>9}"
+          f"{_acc(entry.get('val_cert_acc')):>11}")
+    print(f"  {f'test (n={n})':<22}{_acc(entry.get('test_nat_acc')):>9}"
+          f"{_acc(entry.get('test_pgd_acc')):>9}{_acc(cert):>11}{interval}")
+    print(f"  results:    {entry.get('results')}")
+    print(f"  checkpoint: {entry.get('checkpoint')}")
+
+
+def _report_interrupt(stop: TuningInterrupted, study_file: StudyFile, storage_url: str,
+                      overrides: list[str], argv: list[str]) -> None:
+    study = stop.study
+    if stop.trial_number is None:
+        print("interrupted: no trial was running; nothing was lost", file=sys.stderr)
+    else:
+        retry = None
+        with contextlib.suppress(Exception):
+            retry = requeue_interrupted(study, stop.trial_number)
+        again = (f"; queued again as trial {retry}, which resumes from its last checkpoint"
+                 if retry is not None else "")
+        print(f"interrupted: trial {stop.trial_number} was stopped and marked FAIL "
+              f"(fail_reason: {INTERRUPTED_REASON}){again}", file=sys.stderr)
+    print_summary(study, study_file, storage_url, overrides)
+    print("resume with: " + shlex.join(["python", "-m", "pipeline.tune",
+                                         *_redacted_args(argv)]))
+
+
+def _redacted_args(argv: list[str]) -> list[str]:
+    out, hide = [], False
+    for word in argv:
+        if hide:
+            word, hide = redact(word), False
+        elif word == "--storage":
+            hide = True
+        elif word.startswith("--storage="):
+            word = "--storage=" + redact(word[len("--storage="):])
+        out.append(word)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,9 +885,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch-best", action="store_true",
                         help="train the best trial with the launch schedule and certify the test set")
     parser.add_argument("--trial", type=int, help="with --launch-best: launch this trial instead")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    setup_logging()
     import warnings
 
     # Heartbeat and retry are "experimental" in Optuna; the tool relies on them on purpose.
@@ -549,24 +898,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         print("error: --n-trials must be >= 1", file=sys.stderr)
         return 2
+    study_file = None
     try:
         study_file = load_study_file(args.study, args.overrides)
         validate_layers_of(study_file)  # before anything touches the storage
+        check_data(study_file, ("train", "test") if args.launch_best else ("train",))
         if args.launch_best:
             from pipeline.launch import launch
 
             result = launch(study_file, args.storage, trial_number=args.trial, device=args.device,
                             runs_dir=args.runs_dir)
-            print({k: v for k, v in result.items()})
+            print_launch(result, study_file.settings.name)
             return 0
         study = run_tuning(study_file, args.storage, args.n_trials, args.timeout, args.device,
                            args.runs_dir)
-        print_summary(study, study_file, args.storage)
+        print_summary(study, study_file, args.storage, args.overrides)
     except (ConfigError, StorageError, CheckpointError, DataError, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TuningInterrupted as stop:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the summary finish
+        try:
+            _report_interrupt(stop, study_file, args.storage, args.overrides, argv)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 130
+    except KeyboardInterrupt:
+        what = "the launch resumes where it stopped" if args.launch_best else \
+            "no trial had started"
+        print(f"interrupted: {what}; run again with: "
+              + shlex.join(["python", "-m", "pipeline.tune", *_redacted_args(argv)]),
+              file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m pipeline.tune`` this file is the module ``__main__``, while
+    # pipeline.launch imports it again as ``pipeline.tune``: two copies with two StorageError
+    # classes, and main() here would not catch the one launch raises. Run that module's main.
+    from pipeline.tune import main as _main
+
+    sys.exit(_main())
