@@ -287,7 +287,13 @@ def study_section(data: StudyData) -> list[str]:
     lines.append("")
     best, note = best_trial(t)
     params = param_columns(t)
-    if best is None:
+    if best is None and not (t["state"] == "COMPLETE").any():
+        states = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+        lines.append(f"**No trial of this study has completed yet** ({states}): there is no "
+                     "validation score to rank, so no best trial, and the figures below are "
+                     "empty. A first Ctrl-C or a missing data set leaves a study like this; "
+                     "the failure reasons are listed below.")
+    elif best is None:
         lines.append(f"No best trial: {note}.")
     else:
         pub = " (the published hyperparameters)" if bool(best.get("published")) else ""
