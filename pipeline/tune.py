@@ -637,6 +637,9 @@ class _RunLogFilter(logging.Filter):
                 and isinstance(record.args, tuple) and len(record.args) == 3):
             record.msg, record.args = "stage %d epoch %d: %s", (
                 record.args[0], record.args[1], _short_epoch(str(record.args[2])))
+        if record.name.startswith("optuna") and isinstance(record.msg, str) and \
+                record.msg.endswith("failed with value None."):
+            return False  # the line before it said why the trial failed
         if record.name.startswith("optuna") and record.exc_info:
             error = record.exc_info[1]
             if isinstance(error, KeyboardInterrupt):
