@@ -120,7 +120,7 @@ def test_bad_study_file_real_process_exit_code(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     result = subprocess.run([sys.executable, "-m", "pipeline.tune", "--study", str(bad),
                              "--storage", f"sqlite:///{db}"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {bad}: train.eps = 0.0: ") and "> 0" in line
@@ -159,7 +159,7 @@ def test_bad_storage_one_error_no_hang(tmp_path: Path, capsys) -> None:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m pipeline.tune`` in a real process (the module then runs as ``__main__``)."""
     return subprocess.run([sys.executable, "-m", "pipeline.tune", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 

@@ -198,7 +198,11 @@ def cli(*args: str, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+# Hang guard for the waits below: they poll for a condition and end as soon as it holds.
+HANG_GUARD_S = 3000
+
+
+def finish(proc: subprocess.Popen, timeout: float = HANG_GUARD_S) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -209,7 +213,7 @@ def lines_in(path: Path) -> int:
 
 
 def kill_when(proc: subprocess.Popen, ready, what: str, delay: float = 0.0,
-              timeout: float = 600) -> None:
+              timeout: float = HANG_GUARD_S) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -230,6 +234,7 @@ def strip_times(records: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)  # a hang guard: five launches in a row on a busy machine
 def test_launch_killed_anywhere_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
     pytest.importorskip("pipeline.certify.cli", reason="pipeline/certify/cli.py not there yet")
     url = f"sqlite:///{tmp_path / 'optuna.db'}"

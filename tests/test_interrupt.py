@@ -50,6 +50,8 @@ def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3 * WAIT_LIMIT_S)  # a hang guard: each wait polls for its condition
 def test_ctrl_c_marks_the_trial_failed_and_says_how_to_resume(tmp_path: Path) -> None:
     db = tmp_path / "optuna.db"
     url = f"sqlite:///{db}"

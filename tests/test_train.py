@@ -508,6 +508,7 @@ def test_resume_after_crash_between_last_and_stage_checkpoint(
     check_resumed_run(run_dir, resume_setup)
 
 
+@pytest.mark.timeout(3600)  # a hang guard: the waits inside poll for their condition
 def test_resume_after_sigkill_subprocess(resume_setup: dict[str, Any]) -> None:
     cfg: TrainConfig = resume_setup["cfg"]
     run_dir = resume_setup["root"] / "killed"
@@ -515,11 +516,11 @@ def test_resume_after_sigkill_subprocess(resume_setup: dict[str, Any]) -> None:
     log = (resume_setup["root"] / "killed.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log)
     last = run_dir / "last.pt"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 1800  # a hang guard; the checkpoint comes in seconds
     try:
         while True:
             assert proc.poll() is None, "training finished before it could be killed"
-            assert time.monotonic() < deadline, "no stage-1 checkpoint within 120 s"
+            assert time.monotonic() < deadline, "no stage-1 checkpoint (hang guard: 1800 s)"
             if last.exists():
                 try:
                     ckpt = raw_load(last)
@@ -541,7 +542,7 @@ def test_resume_after_sigkill_subprocess(resume_setup: dict[str, Any]) -> None:
     assert (run_dir / "stage0.pt").exists()
 
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True,
-                          timeout=300)
+                          timeout=1800)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     check_resumed_run(run_dir, resume_setup)
 
@@ -553,7 +554,7 @@ def test_resume_after_sigkill_subprocess(resume_setup: dict[str, Any]) -> None:
 def test_cli_unknown_set_key(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run(train_cmd(QUICKSTART, out, "--set", "batchsize=64"), cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -564,7 +565,7 @@ def test_cli_unknown_set_key(tmp_path: Path) -> None:
 def test_cli_missing_config(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
     done = subprocess.run(train_cmd(missing, tmp_path / "out"), cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
