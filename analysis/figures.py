@@ -9,10 +9,14 @@ percent. The plotted data can be read back from the figure; artists carry labels
   ``"pruned (last stage)"``, line ``"running best"``, line ``"published COLT (test)"``;
 * :func:`knob_scatter`: one axes per parameter, scatters ``"complete"``,
   ``"pruned (last stage)"``, ``"published hyperparameters"``;
-* :func:`importance_bars`: horizontal bars (``ax.patches`` widths = importances) or a note;
-* :func:`pareto_front`: scatter ``"trials"``, line ``"Pareto front"``, scatter
-  ``"published COLT (test)"``, scatter ``"launch (test)"`` (prefixed ``"<group>: "`` with ``by``);
-* :func:`stage_curves`: one line per trial, ``gid="trial <n>"``;
+* :func:`importance_bars`: horizontal bars (``ax.patches`` widths = importances) or a note (also
+  when the importance rests on fewer than :data:`MIN_IMPORTANCE_TRIALS` complete trials);
+* :func:`pareto_front`: two panels with the same axes. ``fig.axes[0]`` (validation split):
+  scatter ``"trials"``, line ``"Pareto front"``, scatter ``"launched trials"``;
+  ``fig.axes[1]`` (test set): scatter ``"published COLT (test)"``, scatter ``"launch (test)"``
+  (labels prefixed ``"<group>: "`` with ``by``);
+* :func:`stage_curves`: one line per trial, ``gid="trial <n>"``, its own colour, labelled
+  ``"#<n> <state>"`` in the legend; the published trial also gets a star at its last stage;
 * :func:`certification_outcomes`: one bar container per status (``label`` = status);
 * :func:`time_per_input`: box plot per method plus scatter ``"<method> (n=<k>)"`` of the times.
 """
@@ -50,6 +54,10 @@ STATE_STYLES = {
 METHOD_ORDER = ("clean", "pgd", "box", "zonotope", "zonotope_slopes", "lp", "milp", "timeout")
 TIME_FLOOR_S = 1e-4
 DPI = 120
+# fANOVA's forest needs some trials: below this many complete ones no bars are drawn.
+MIN_IMPORTANCE_TRIALS = 10
+# Up to this many trials the stage plot names each trial in its legend, else a colour bar.
+MAX_LEGEND_TRIALS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +175,25 @@ def optimization_history(trials: pd.DataFrame, published: Mapping[str, Any] | No
     return _save(fig, path)
 
 
+def _log_ticks(ax: Any) -> None:
+    """Readable log-scale x ticks: labels on at most about five major ticks (powers of ten, or
+    a few plain values inside one decade), no labels on minor ticks, and slanted labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    lo, hi = (v for v in sorted(ax.get_xlim()))
+    decades = math.log10(hi / lo) if lo > 0 else 0.0
+    if decades >= 3:
+        major = LogLocator(base=10, numticks=5)
+    elif decades >= 1:
+        major = LogLocator(base=10, subs=(1.0, 3.0), numticks=8)
+    else:  # inside one decade: a few evenly spaced values (log placement would crowd them)
+        major = MaxNLocator(nbins=3, min_n_ticks=2)
+    ax.xaxis.set_major_locator(major)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", which="major", labelrotation=30, labelsize=8)
+
+
 def _is_log(values: pd.Series, name: str, log_params: Iterable[str]) -> bool:
     if name in set(log_params):
         return True
@@ -222,6 +249,7 @@ def knob_scatter(trials: pd.DataFrame, params: list[str] | None = None,
                        label="published hyperparameters")
         if numeric and _is_log(col, param, log_params):
             ax.set_xscale("log")
+            _log_ticks(ax)
         ax.set_title(param, fontsize=10)
         ax.set_xlabel(param + (" (log scale)" if ax.get_xscale() == "log" else ""))
         ax.set_ylabel("val. certified acc. (%)")
@@ -239,9 +267,19 @@ def knob_scatter(trials: pd.DataFrame, params: list[str] | None = None,
 
 
 def importance_bars(importances: pd.Series | Mapping[str, float] | None, note: str | None = None,
-                    path: str | Path | None = None, title: str | None = None) -> Figure:
-    """Hyperparameter importance as horizontal bars (largest on top), or the note when empty."""
+                    path: str | Path | None = None, title: str | None = None,
+                    n_complete: int | None = None) -> Figure:
+    """Hyperparameter importance as horizontal bars (largest on top), or the note when empty.
+
+    With ``n_complete`` (the complete trials the importance was computed from) below
+    :data:`MIN_IMPORTANCE_TRIALS`, no bars are drawn: a forest fitted to a handful of points
+    ranks the knobs by chance, and bars would look like a finding.
+    """
     imp = pd.Series(importances if importances is not None else {}, dtype=float)
+    if n_complete is not None and n_complete < MIN_IMPORTANCE_TRIALS and len(imp):
+        imp = imp.iloc[:0]
+        note = (f"not shown: the importance would rest on {n_complete} complete trial"
+                f"{'' if n_complete == 1 else 's'}; it needs at least {MIN_IMPORTANCE_TRIALS}")
     fig = Figure(figsize=(7, 0.5 * max(len(imp), 3) + 1.5))
     ax = fig.add_subplot()
     if len(imp):
@@ -274,20 +312,21 @@ def pareto_front(trials: pd.DataFrame, launches: pd.DataFrame | None = None,
                  published: Mapping[str, Any] | pd.DataFrame | None = None,
                  path: str | Path | None = None, by: str | None = None,
                  title: str | None = None) -> Figure:
-    """Validation natural vs certified accuracy of the complete trials with their Pareto front,
-    the published COLT point and the launches' test accuracies.
+    """Natural vs certified accuracy in two panels with the same axes: the complete trials on the
+    validation split with their Pareto front (left), the published COLT point and the launches
+    on the test set (right). Validation and test numbers are never drawn in one panel.
 
     ``published`` is a dict ``{"nat_acc", "cert_acc"}`` (fractions), or with ``by`` a DataFrame
     with the ``by`` column and ``published_nat_acc``/``published_cert_acc`` (see
     :func:`analysis.load_studies`). ``launches`` rows need ``test_nat_acc``/``test_cert_acc``
-    (and ``trial``, ``val_nat_acc``, ``val_cert_acc`` for the label and the link to the trial).
+    (and ``trial``, ``val_nat_acc``, ``val_cert_acc`` to mark the launched trial on the left).
     With ``by`` (a column of all frames, e.g. ``study``) every group gets its own colour, front,
     published point and launches, labelled ``"<group>: ..."``.
     """
     if by is None:
         _one_study(trials)
-    fig = Figure(figsize=(7.5, 5.5))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(12, 5.5))
+    val_ax, test_ax = fig.subplots(1, 2, sharex=True, sharey=True)
     colors = [f"C{i}" for i in range(10)]
     launch_groups = dict(_groups(launches, by)) if launches is not None and len(launches) else {}
     if isinstance(published, pd.DataFrame):
@@ -298,7 +337,7 @@ def pareto_front(trials: pd.DataFrame, launches: pd.DataFrame | None = None,
         pub_rows = {"": published}
     else:
         pub_rows = {}
-    any_points = False
+    any_val = any_test = False
     for i, (group, sub) in enumerate(_groups(trials, by)):
         color = colors[i % len(colors)]
         prefix = f"{group}: " if group else ""
@@ -310,88 +349,126 @@ def pareto_front(trials: pd.DataFrame, launches: pd.DataFrame | None = None,
         ok = nat.notna() & cert.notna()
         nat, cert, numbers = nat[ok], cert[ok], done["number"][ok]
         if len(nat):
-            any_points = True
-            ax.scatter(_pct(nat), _pct(cert), color=color, alpha=0.55, zorder=3,
-                       label=f"{prefix}trials")
+            any_val = True
+            val_ax.scatter(_pct(nat), _pct(cert), color=color, alpha=0.55, zorder=3,
+                           label=f"{prefix}trials")
             mask = pareto_mask(nat, cert)
             front = pd.DataFrame({"nat": nat[mask], "cert": cert[mask]}).drop_duplicates()
             front = front.sort_values(["nat", "cert"], ascending=[True, False])
-            ax.plot(_pct(front["nat"]), _pct(front["cert"]), color=color, linewidth=1.8,
-                    marker="o", markersize=7, markerfacecolor="none", zorder=4,
-                    label=f"{prefix}Pareto front")
+            val_ax.plot(_pct(front["nat"]), _pct(front["cert"]), color=color, linewidth=1.8,
+                        marker="o", markersize=7, markerfacecolor="none", zorder=4,
+                        label=f"{prefix}Pareto front")
             for x, y, n in zip(_pct(nat[mask]), _pct(cert[mask]), numbers[mask]):
-                ax.annotate(f"#{n}", (x, y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=color)
+                val_ax.annotate(f"#{n}", (x, y), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=color)
         pub = pub_rows.get(group)
         if pub is not None:
             pn, pc = _as_fraction(pub.get("nat_acc")), _as_fraction(pub.get("cert_acc"))
             if not (math.isnan(pn) or math.isnan(pc)):
-                any_points = True
-                ax.scatter([100 * pn], [100 * pc], marker="*", s=260, color=color,
-                           edgecolor="black", zorder=5, label=f"{prefix}published COLT (test)")
+                any_test = True
+                test_ax.scatter([100 * pn], [100 * pc], marker="*", s=260, color=color,
+                                edgecolor="black", zorder=5,
+                                label=f"{prefix}published COLT (test)")
         lsub = launch_groups.get(group)
         if lsub is not None and len(lsub):
             tn, tc = lsub["test_nat_acc"].astype(float), lsub["test_cert_acc"].astype(float)
             ok = tn.notna() & tc.notna()
             if ok.any():
-                any_points = True
-                ax.scatter(_pct(tn[ok]), _pct(tc[ok]), marker="D", s=70, color=color,
-                           edgecolor="black", zorder=5, label=f"{prefix}launch (test)")
+                any_test = True
+                test_ax.scatter(_pct(tn[ok]), _pct(tc[ok]), marker="D", s=70, color=color,
+                                edgecolor="black", zorder=5, label=f"{prefix}launch (test)")
                 for _, row in lsub[ok].iterrows():
-                    tx, ty = 100 * float(row["test_nat_acc"]), 100 * float(row["test_cert_acc"])
-                    ax.annotate(f"launch #{row.get('trial')}", (tx, ty),
-                                textcoords="offset points", xytext=(5, -11), fontsize=7)
-                    vx, vy = row.get("val_nat_acc"), row.get("val_cert_acc")
-                    if vx is not None and vy is not None and not pd.isna(vx) and not pd.isna(vy):
-                        ax.annotate("", (tx, ty), (100 * float(vx), 100 * float(vy)),
-                                    arrowprops=dict(arrowstyle="->", color=color, alpha=0.6,
-                                                    linestyle=":"))
-    if not any_points:
-        _note(ax, "no complete trial with validation accuracies")
-    ax.set_xlabel("natural accuracy (%)")
-    ax.set_ylabel("certified accuracy (%)")
+                    test_ax.annotate(f"launch of #{row.get('trial')}",
+                                     (100 * float(row["test_nat_acc"]),
+                                      100 * float(row["test_cert_acc"])),
+                                     textcoords="offset points", xytext=(6, -11), fontsize=7)
+            # The launched trials, ringed where they sit on the validation split.
+            vx = pd.to_numeric(lsub.get("val_nat_acc"), errors="coerce")
+            vy = pd.to_numeric(lsub.get("val_cert_acc"), errors="coerce")
+            if vx is not None and vy is not None:
+                okv = vx.notna() & vy.notna()
+                if okv.any():
+                    val_ax.scatter(_pct(vx[okv]), _pct(vy[okv]), s=180, facecolor="none",
+                                   edgecolor="black", linewidth=1.4, zorder=5,
+                                   label=f"{prefix}launched trials")
+    if not any_val:
+        _note(val_ax, "no complete trial with validation accuracies")
+    if not any_test:
+        _note(test_ax, "no launch and no published result")
     name = "" if by is not None else _one_study(trials)
-    ax.set_title(title or f"Natural vs certified accuracy{': ' + name if name else ''}", pad=16)
-    ax.text(0.5, 1.0, "trials: validation split; published COLT and launches: test set",
-            transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color="#555555")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title or f"Natural vs certified accuracy{': ' + name if name else ''}",
+                 x=0.02, ha="left")
+    val_ax.set_title("validation split: tuning trials", fontsize=10)
+    test_ax.set_title("test set: published COLT and launches", fontsize=10)
+    for ax in (val_ax, test_ax):
+        ax.set_xlabel("natural accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+    val_ax.set_ylabel("certified accuracy (%)")
+    test_ax.tick_params(labelleft=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(fig, path)
 
 
 def stage_curves(trials: pd.DataFrame, path: str | Path | None = None,
                  title: str | None = None) -> Figure:
     """Validation certified accuracy at the end of each stage, one line per trial (``gid`` =
-    ``"trial <n>"``), styled by state; the legend counts the trials of each state."""
+    ``"trial <n>"``) in its own colour; the line style gives the state (solid complete, dashed
+    pruned, dotted failed). Up to :data:`MAX_LEGEND_TRIALS` trials the legend names each one,
+    beyond that a colour bar maps colour to trial number. The trial with the published
+    hyperparameters is drawn thick with a star at its last stage."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     name = _one_study(trials)
-    fig = Figure(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(8.5, 4.8))
     ax = fig.add_subplot()
     cols = stage_columns(trials)
-    counts: dict[str, int] = {}
+    rows = []
     for _, row in trials.sort_values("number").iterrows():
         vals = row[cols].astype(float) if cols else pd.Series(dtype=float)
         ok = vals.notna().to_numpy()
-        if not ok.any():
-            continue
+        if ok.any():
+            rows.append((row, vals, ok))
+    few = len(rows) <= MAX_LEGEND_TRIALS
+    numbers = [int(r["number"]) for r, _, _ in rows]
+    norm = Normalize(min(numbers, default=0), max(max(numbers, default=1), 1))
+    cmap = colormaps[("tab10" if len(rows) <= 10 else "tab20") if few else "viridis"]
+    counts: dict[str, int] = {}
+    for k, (row, vals, ok) in enumerate(rows):
         steps = np.array([int(c[len("stage"):-len("_cert")]) for c in cols])[ok]
-        style = STATE_STYLES.get(row["state"], STATE_STYLES["RUNNING"])
-        lw = 2.5 if bool(row.get("published", False)) else 1.3
+        ys = _pct(vals.to_numpy()[ok])
+        style = dict(STATE_STYLES.get(row["state"], STATE_STYLES["RUNNING"]))
+        style.pop("color")
+        color = cmap(k % cmap.N) if few else cmap(norm(int(row["number"])))
+        published = bool(row.get("published", False))
         # Pruned (and failed) trials on top: they are short and would hide under complete ones.
         z = 3 if row["state"] == "COMPLETE" else 4
-        ax.plot(steps, _pct(vals.to_numpy()[ok]), linewidth=lw, markersize=7, zorder=z,
-                gid=f"trial {row['number']}", label=f"trial {row['number']} ({row['state']})",
-                **style)
+        label = f"#{row['number']} {row['state'].lower()}" + (" (published)" if published
+                                                              else "")
+        ax.plot(steps, ys, linewidth=3.0 if published else 1.4, markersize=6, zorder=z,
+                color=color, gid=f"trial {row['number']}", label=label, **style)
+        if published:
+            ax.scatter(steps[-1:], ys[-1:], marker="*", s=280, color=color, edgecolor="black",
+                       linewidth=1.2, zorder=6, label="published hyperparameters")
+            ax.annotate(f"published (#{row['number']})", (steps[-1], ys[-1]),
+                        textcoords="offset points", xytext=(8, 6), fontsize=8)
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    handles = [Line2D([], [], **STATE_STYLES.get(s, STATE_STYLES["RUNNING"]),
-                      label=f"{s.lower()} ({n})") for s, n in counts.items()]
-    if "published" in trials.columns and trials["published"].astype(bool).any():
-        handles.append(Line2D([], [], color="black", linewidth=2.5,
-                              label="published hyperparameters (thick)"))
-    if handles:
-        ax.legend(handles=handles, loc="best", fontsize=8, title="trials", title_fontsize=8)
-    else:
+    summary = ", ".join(f"{s.lower()} ({n})" for s, n in counts.items())
+    if not rows:
         _note(ax, "no trial reported an intermediate value")
+    elif few:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                  title=f"trials: {summary}", title_fontsize=8)
+    else:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="trial number")
+        handles = [Line2D([], [], color="#555555", **{k: v for k, v in STATE_STYLES.get(
+            s, STATE_STYLES["RUNNING"]).items() if k != "color"}, label=f"{s.lower()} ({n})")
+            for s, n in counts.items()]
+        ax.legend(handles=handles, loc="best", fontsize=8, title="line style: state",
+                  title_fontsize=8)
     if cols:
         ax.set_xticks(sorted(int(c[len("stage"):-len("_cert")]) for c in cols))
     ax.set_xlabel("COLT stage (end of stage)")

@@ -51,11 +51,13 @@ FIGURE_TEXT = {
                "best (black steps) and the published COLT certified accuracy (dashed)",
     "knobs": "each tuned knob against validation certified accuracy (pruned trials at their last "
              "reported stage; log x for knobs sampled on a log scale)",
-    "importance": "fANOVA importance (seed 0) of each knob for the validation certified accuracy",
-    "pareto": "validation natural vs certified accuracy with the Pareto front, the published COLT "
-              "point and the launches' test accuracies",
-    "stages": "validation certified accuracy at the end of every COLT stage, one line per trial "
-              "(pruned trials dashed red)",
+    "importance": "fANOVA importance (seed 0) of each knob for the validation certified accuracy "
+                  f"(drawn from {figures.MIN_IMPORTANCE_TRIALS} complete trials on)",
+    "pareto": "natural vs certified accuracy in two panels with the same axes: the trials on the "
+              "validation split with their Pareto front (launched trials ringed), and the "
+              "published COLT point and the launches on the test set",
+    "stages": "validation certified accuracy at the end of every COLT stage, one line and colour "
+              "per trial (dashed: pruned), the published hyperparameters thick with a star",
     "outcomes": "certification status of the test inputs of each launch (stacked counts)",
     "time": "time per test input by the cascade stage that decided it (log scale)",
     "comparison": "natural vs certified accuracy of all compared studies, one colour per study",
@@ -182,11 +184,16 @@ def draw_figures(data: StudyData, folder: Path) -> None:
         data.figures.append((name, kind))
 
     t = data.trials
+    n_complete = int((t["state"] == "COMPLETE").sum())
+    if len(data.importances) and n_complete < figures.MIN_IMPORTANCE_TRIALS:
+        data.importance_note = (f"not drawn: it would rest on {n_complete} complete trials; "
+                                f"it needs at least {figures.MIN_IMPORTANCE_TRIALS}")
     add("history", figures.optimization_history, t, published=published,
         title=f"Optimisation history: {data.group}")
     add("knobs", figures.knob_scatter, t, title=f"Tuned knobs vs validation certified accuracy: "
                                                 f"{data.group}")
     add("importance", figures.importance_bars, data.importances, note=data.importance_note,
+        n_complete=n_complete,
         title=f"Hyperparameter importance: {data.group}")
     add("pareto", figures.pareto_front, t, launches=data.launches, published=published,
         title=f"Natural vs certified accuracy: {data.group}")

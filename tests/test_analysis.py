@@ -373,9 +373,19 @@ def test_pareto_figure(launched_db: dict, tmp_path: Path) -> None:
         if not any((q[0] >= p[0] and q[1] >= p[1]) and (q[0] > p[0] or q[1] > p[1])
                    for q in pts):
             assert any(np.allclose(p, f) for f in front)
-    np.testing.assert_allclose(labelled(ax, "published COLT (test)").get_offsets(), [[95, 80]])
-    np.testing.assert_allclose(labelled(ax, "launch (test)").get_offsets(),
+    # Validation and test are kept apart: test-set points only in the second panel.
+    test_ax = fig.axes[1]
+    assert "validation" in ax.get_title() and "test" in test_ax.get_title()
+    assert not any("test" in lbl for lbl in ax.get_legend_handles_labels()[1])
+    assert not any(lbl in ("trials", "Pareto front")
+                   for lbl in test_ax.get_legend_handles_labels()[1])
+    np.testing.assert_allclose(labelled(test_ax, "published COLT (test)").get_offsets(),
+                               [[95, 80]])
+    np.testing.assert_allclose(labelled(test_ax, "launch (test)").get_offsets(),
                                np.c_[100 * launches.test_nat_acc, 100 * launches.test_cert_acc])
+    np.testing.assert_allclose(labelled(ax, "launched trials").get_offsets(),
+                               np.c_[100 * launches.val_nat_acc, 100 * launches.val_cert_acc])
+    assert ax.get_xlim() == test_ax.get_xlim() and ax.get_ylim() == test_ax.get_ylim()
     assert "(%)" in ax.get_xlabel() and "(%)" in ax.get_ylabel()
 
 
@@ -396,10 +406,81 @@ def test_stage_figure(trials_df: pd.DataFrame, study: optuna.Study, tmp_path: Pa
         np.testing.assert_allclose(line.get_xydata(),
                                    [[s, 100 * t.intermediate_values[s]] for s in steps])
         assert line.get_linestyle() == ("--" if t.state.name == "PRUNED" else "-")
+    # Each trial is told apart: its own colour and its own legend entry.
+    colours = [ln.get_color() for ln in lines.values()]
+    assert len(set(colours)) == len(colours)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    states = trials_df.state.value_counts()
-    for state, n in states.items():
-        assert f"{state.lower()} ({n})" in legend
+    for t in study.trials:
+        assert any(text.startswith(f"#{t.number} {t.state.name.lower()}") for text in legend)
+    title = ax.get_legend().get_title().get_text()
+    for state, n in trials_df.state.value_counts().items():
+        assert f"{state.lower()} ({n})" in title
+    # The published point is marked on its own (a star at the published trial's last stage).
+    pub = trials_df[trials_df.published.astype(bool)].iloc[0]
+    star = labelled(ax, "published hyperparameters").get_offsets()
+    steps = sorted(study.trials[int(pub.number)].intermediate_values.items())
+    np.testing.assert_allclose(star, [[steps[-1][0], 100 * steps[-1][1]]])
+
+
+def synthetic_trials(n: int, tmp_path: Path, relu_stable: tuple[float, float] = (2e-3, 9e-3)
+                     ) -> pd.DataFrame:
+    """A study of n trials with stage scores and a log-scale knob in a narrow range."""
+    db = tmp_path / f"synthetic_{n}_{relu_stable[0]}_{relu_stable[1]}.db"
+    lo, hi = relu_stable
+    study = optuna.create_study(study_name="synthetic", storage=url_of(db),
+                                direction="maximize")
+    rng = np.random.default_rng(0)
+    dists = {"relu_stable": optuna.distributions.FloatDistribution(lo, hi, log=True),
+             "l1_reg": optuna.distributions.FloatDistribution(1e-7, 1e-3, log=True)}
+    for i in range(n):
+        vals = np.sort(rng.uniform(0.1, 0.6, size=3))
+        study.add_trial(optuna.create_trial(
+            params={"relu_stable": float(min(hi, lo * (hi / lo) ** (i / max(n - 1, 1)))),
+                    "l1_reg": float(10 ** rng.uniform(-7, -3))}, distributions=dists,
+            value=float(vals[-1]), intermediate_values=dict(enumerate(map(float, vals))),
+            user_attrs={"val_cert_acc": float(vals[-1]), "published": i == 0}))
+    return load_trials(url_of(db), "synthetic")
+
+
+@pytest.mark.parametrize("span", [(3e-4, 5e-3), (1.5e-3, 4e-3), (2e-3, 9e-3), (1e-4, 5e-2)])
+def test_log_knob_ticks_do_not_crowd(tmp_path: Path, span: tuple[float, float]) -> None:
+    trials = synthetic_trials(12, tmp_path, span)
+    fig = figures.knob_scatter(trials, log_params=["relu_stable", "l1_reg"],
+                               path=tmp_path / "knobs.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        assert ax.get_xscale() == "log"
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels(which="both")
+                 if t.get_text() and t.get_visible()]
+        assert len(boxes) >= 2, ax.get_title()  # labelled even inside one decade
+        boxes.sort(key=lambda b: b.x0)
+        for a, b in zip(boxes, boxes[1:]):  # no two labels overlap or touch
+            assert b.x0 - a.x1 >= 5, (ax.get_title(), span)
+
+
+def test_stage_figure_many_trials_and_too_few_for_importance(tmp_path: Path) -> None:
+    trials = synthetic_trials(figures.MAX_LEGEND_TRIALS + 4, tmp_path)
+    fig = figures.stage_curves(trials, path=tmp_path / "stages.png")
+    ax = fig.axes[0]
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "trial number"  # colour bar
+    colours = [ln.get_color() for ln in ax.lines if (ln.get_gid() or "").startswith("trial")]
+    assert len(colours) == len(trials) and len({tuple(c) for c in colours}) == len(trials)
+    # Importance from too few complete trials: a note, no bars.
+    few = figures.MIN_IMPORTANCE_TRIALS - 1
+    fig = figures.importance_bars({"l1_reg": 0.7, "relu_stable": 0.3}, n_complete=few,
+                                  path=tmp_path / "imp.png")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 0
+    assert any(f"rest on {few} complete trials" in t.get_text() for t in ax.texts)
+    fig = figures.importance_bars({"l1_reg": 0.7, "relu_stable": 0.3},
+                                  n_complete=figures.MIN_IMPORTANCE_TRIALS)
+    assert len(fig.axes[0].patches) == 2  # the control
 
 
 def test_launch_figures(launched_db: dict, tmp_path: Path) -> None:
