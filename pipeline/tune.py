@@ -466,7 +466,7 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
     study.set_user_attr("artifact_dir", str(artifacts.resolve()))
     total = n_trials or study_file.settings.n_trials
     storage.cap = total
-    objective = logged(Objective(study_file, runs_dir, device, store), study_file)
+    objective = logged(Objective(study_file, runs_dir, device, store))
     deadline = None if timeout is None else time.monotonic() + timeout
     failed = [0]
     stop_at_cap = optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)
@@ -540,7 +540,7 @@ class _RunState:
 _RUN = _RunState()
 
 
-def logged(objective: Any, study_file: StudyFile) -> Any:
+def logged(objective: Any) -> Any:
     """The objective with the trial number as log prefix and Ctrl-C recorded as the trial's
     ``fail_reason`` (Optuna then marks it FAIL and re-raises)."""
 
