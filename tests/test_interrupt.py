@@ -1,9 +1,11 @@
 """What a user sees from ``python -m pipeline.tune``: Ctrl-C in the middle of a trial (a real
-process and a real SIGINT), and the summary when no trial meets the natural-accuracy floor."""
+process and a real SIGINT), the run log, the summary when no trial meets the natural-accuracy
+floor, and the table a launch ends with."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -86,6 +88,18 @@ def test_ctrl_c_marks_the_trial_failed_and_says_how_to_resume(tmp_path: Path) ->
                           env=env(), capture_output=True, text=True, timeout=WAIT_LIMIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stderr and "resumes trial 0" in done.stderr
+    # The run log: start (number, knobs), a score per stage with its interval, the end.
+    log = done.stderr
+    assert re.search(r"INFO trial 1: started \(published hyperparameters, resumes trial 0\): "
+                     r"batch_size=50, eps_initial_factor=1\.15", log), log[-3000:]
+    scored = re.findall(r"trial 1: stage (\d) scored: val cert (\d\.\d{3}) \(95% "
+                        r"(\d\.\d{3})-(\d\.\d{3}), n=30\), nat \d\.\d{3}, pgd \d\.\d{3}", log)
+    assert [int(m[0]) for m in scored] == [0, 1, 2], log[-3000:]
+    assert all(float(lo) <= float(c) <= float(hi) for _, c, lo, hi in scored)
+    assert re.search(r"INFO trial 1 finished: COMPLETE, val cert \d\.\d{3} \(95% .*\), in ",
+                     log), log[-3000:]
+    epochs = [ln for ln in log.splitlines() if re.search(r"trial 1: stage \d epoch \d:", ln)]
+    assert epochs and all(len(ln.split(": ", 2)[-1].split(", ")) <= 5 for ln in epochs), epochs
     study = optuna.load_study(study_name="ctrl_c", storage=url)
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL,
@@ -135,3 +149,23 @@ def test_wilson_interval() -> None:
     assert wilson_interval(70, 100) == pytest.approx((1 - hi, 1 - lo))
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_launch_prints_a_table(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.tune import print_launch
+
+    print_launch({"trial": 3, "val_nat_acc": 0.9, "val_cert_acc": 0.5, "test_nat_acc": 0.875,
+                  "test_pgd_acc": 0.75, "test_cert_acc": 0.625, "n_test": 8,
+                  "results": "runs/q/launch_trial3/certify_test.jsonl",
+                  "checkpoint": "runs/q/launch_trial3/last.pt", "epochs_per_stage": 6,
+                  "params": {"l1_reg": 1e-5}}, "q")
+    out = capsys.readouterr().out
+    assert "{" not in out  # not a raw dict
+    lines = out.splitlines()
+    assert lines[0] == "launch of trial 3 (q, 6 epochs a stage):"
+    assert lines[1].split() == ["natural", "PGD", "certified"]
+    assert lines[2].split() == ["validation", "(tuning)", "0.900", "0.500"]
+    lo, hi = wilson_interval(5, 8)
+    assert lines[3].split()[:5] == ["test", "(n=8)", "0.875", "0.750", "0.625"]
+    assert f"(95% {lo:.3f}-{hi:.3f})" in lines[3]
+    assert "certify_test.jsonl" in lines[4] and "last.pt" in lines[5]

@@ -102,6 +102,8 @@ def test_launch_best_writes_back(tuned: dict) -> None:
     result = run_cli("--storage", tuned["url"], "--launch-best", *TINY, *LAUNCH,
                      cwd=tuned["work"])
     assert result.returncode == 0, result.stderr[-3000:]
+    # It ends with a short table, not a raw dict.
+    assert "launch of trial" in result.stdout and "{'" not in result.stdout, result.stdout
     study = optuna.load_study(study_name="e2e", storage=tuned["url"])
     (launch,) = study.user_attrs["launches"]
     assert launch["n_test"] == 12
