@@ -3,7 +3,7 @@
     python -m pipeline.tune                                   # studies/quickstart.toml, offline
     python -m pipeline.tune --study studies/mnist_0.1.toml --storage sqlite:///runs/optuna.db
     python -m pipeline.tune --study studies/mnist_0.1.toml --launch-best [--trial N]
-    optuna-dashboard sqlite:///runs/optuna.db
+    optuna-dashboard sqlite:///runs/optuna.db --artifact-dir runs/artifacts
 
 Each trial trains on the training set minus the validation split with the study's per-trial budget,
 reports the validation certified accuracy at the end of every stage (so pruners stop weak trials at
@@ -11,6 +11,13 @@ stage boundaries) and records its scores, run folder, split and environment as u
 its final checkpoint as an artifact. Several workers are the same command started again against the
 same storage; a heartbeat marks the trials of dead workers failed and re-queues them, and the retry
 resumes from the dead trial's last checkpoint.
+
+The log has one line when a trial starts (number, knobs), a short one per epoch, one per stage
+score (validation certified accuracy with its Wilson 95% interval) and one when the trial ends;
+the run ends with a table of the trials. Ctrl-C marks the running trial FAIL (user attribute
+``fail_reason``), queues it again, prints the study so far and the command that resumes it, and
+exits with 130. Bad input (study file, storage URL, a missing data set) is one ``error:`` line
+and exit 2, found before anything is written.
 """
 
 from __future__ import annotations
