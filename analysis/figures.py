@@ -407,8 +407,22 @@ def pareto_front(trials: pd.DataFrame, launches: pd.DataFrame | None = None,
             ax.legend(loc="best", fontsize=8)
     val_ax.set_ylabel("certified accuracy (%)")
     test_ax.tick_params(labelleft=True)
+    if any_val or any_test:
+        _pad_limits(val_ax)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(fig, path)
+
+
+def _pad_limits(ax: Any, min_span: float = 4.0, margin: float = 0.12) -> None:
+    """Room around the points (and their labels) and at least ``min_span`` percentage points
+    per axis, so that near-equal accuracies do not fill the panel edge to edge."""
+    ax.relim()
+    ax.autoscale_view()
+    for get, set_ in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+        lo, hi = get()
+        span = max(hi - lo, min_span)
+        mid = (lo + hi) / 2
+        set_(mid - span * (0.5 + margin), mid + span * (0.5 + margin))
 
 
 def stage_curves(trials: pd.DataFrame, path: str | Path | None = None,
@@ -454,7 +468,7 @@ def stage_curves(trials: pd.DataFrame, path: str | Path | None = None,
             ax.scatter(steps[-1:], ys[-1:], marker="*", s=280, color=color, edgecolor="black",
                        linewidth=1.2, zorder=6, label="published hyperparameters")
             ax.annotate(f"published (#{row['number']})", (steps[-1], ys[-1]),
-                        textcoords="offset points", xytext=(8, 6), fontsize=8)
+                        textcoords="offset points", xytext=(-12, -14), ha="right", fontsize=8)
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     summary = ", ".join(f"{s.lower()} ({n})" for s, n in counts.items())
     if not rows:
