@@ -96,7 +96,7 @@ def test_ctrl_c_marks_the_trial_failed_and_says_how_to_resume(tmp_path: Path) ->
                         r"(\d\.\d{3})-(\d\.\d{3}), n=30\), nat \d\.\d{3}, pgd \d\.\d{3}", log)
     assert [int(m[0]) for m in scored] == [0, 1, 2], log[-3000:]
     assert all(float(lo) <= float(c) <= float(hi) for _, c, lo, hi in scored)
-    assert re.search(r"INFO trial 1 finished: COMPLETE, val cert \d\.\d{3} \(95% .*\), in ",
+    assert re.search(r"INFO trial 1 finished: COMPLETE, val cert \d\.\d{3} \(95% [^)]*\), nat .*, in \d+ s",
                      log), log[-3000:]
     epochs = [ln for ln in log.splitlines() if re.search(r"trial 1: stage \d epoch \d:", ln)]
     assert epochs and all(len(ln.split(": ", 2)[-1].split(", ")) <= 5 for ln in epochs), epochs
