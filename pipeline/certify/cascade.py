@@ -94,6 +94,7 @@ class CertifyResult:
     bounds: dict[int, float] = field(default_factory=dict)
     stage_times: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    outputs: list[float] | None = None  # the model's outputs at the counterexample (VNN-LIB)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "label": self.label,
