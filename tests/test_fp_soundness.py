@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,26 @@ def test_output_error_bounds_the_float32_run_on_sampled_points():
             diff = (net(pts.float()).double() - net64(pts)).abs()
         assert bool((diff <= err.run).all()), (seed, float((diff - err.run).max()))
         assert math.isfinite(float(err.run.max()))
+
+
+def test_vnnlib_numbers_are_read_exactly(tmp_path):
+    """Constants are rationals as written: the float64 box contains the written one (outward),
+    while a counterexample must lie in the written box and satisfy the written rows."""
+    v = float(np.float32(0.3))  # 0.300000011920928955078125, a float32 input value
+    text = "\n".join(["(declare-const X_0 Real)", "(declare-const Y_0 Real)",
+                      "(declare-const Y_1 Real)",
+                      "(assert (>= X_0 0.30000001192092897))",  # just above v
+                      "(assert (< X_0 1/3))",
+                      "(assert (<= Y_0 0.1))"])
+    path = tmp_path / "p.vnnlib"
+    path.write_text(text + "\n")
+    prop = load_vnnlib(path, (1,))
+    assert prop.lower[0] <= v  # outward: the float64 box holds every written point ...
+    assert not prop.contains(np.array([v]))  # ... but v itself is not one of them
+    assert prop.upper[0] >= 1 / 3 and not prop.contains(np.array([prop.upper[0]]))
+    assert prop.contains(np.array([0.31]))
+    d = prop.disjuncts[0]
+    # float64's 0.1 is above the written 1/10: not a counterexample; the float just below is.
+    assert Fraction(0.1) > Fraction(1, 10)
+    assert not d.holds(np.array([0.1, 0.0]))
+    assert d.holds(np.array([np.nextafter(0.1, 0.0), 0.0]))

@@ -239,8 +239,7 @@ def certify_vnnlib(net: Net, prop: Any, cfg: CertifyConfig | None = None,
         with torch.no_grad():
             y = certifier.net_run(x_run.to(certifier.device)).double().cpu().numpy().reshape(-1)
         flat = x_run.double().numpy().reshape(-1)
-        inside = bool(np.all(flat >= prop.lower.reshape(-1)) and
-                      np.all(flat <= prop.upper.reshape(-1)))
+        inside = prop.contains(flat)  # the box exactly as written
         if not (inside and np.all(np.isfinite(y)) and prop.is_violated_by(y)):
             answer = "unknown"
             result.message = "counterexample not confirmed by the property"

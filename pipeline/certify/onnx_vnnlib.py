@@ -21,7 +21,11 @@ types, or weights of another precision than the input, are refused.
 
 VNN-LIB: declarations ``(declare-const X_i Real)`` / ``(declare-const Y_j Real)``, box bounds on
 each X_i, and assertions over Y that are any and/or nesting of linear atoms (<=, >=, <, >, = over
-+, -, * by a constant), turned into a disjunction of conjunctions ``A y <= b``.
++, -, * by a constant), turned into a disjunction of conjunctions ``A y <= b`` (``< b`` for the
+strict atoms). Numbers are read exactly (rationals): the float64 box is rounded outwards (it
+contains the written one: certificates cover it) and A, b to nearest, while
+:meth:`VnnlibProperty.contains` and :meth:`Disjunct.holds` decide a counterexample exactly as
+written, strict where strict.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -654,17 +659,21 @@ class Disjunct:
     A: np.ndarray  # (m, n_outputs) float64
     b: np.ndarray  # (m,) float64
     strict: np.ndarray | None = None  # (m,) bool: the row is A_i y < b_i (from < or >)
+    # The rows as written: per row ({output j: coefficient}, b) in exact rationals.
+    exact: tuple[tuple[dict[int, Fraction], Fraction], ...] | None = None
 
     def holds(self, y: np.ndarray, tol: float = 0.0) -> bool:
         """Whether the output vector ``y`` satisfies every constraint (within ``tol``; strict
-        rows strictly), in exact rational arithmetic on the float values of A, y and b."""
-        from fractions import Fraction
-
+        rows strictly), in exact rational arithmetic on the values of y and the constraints as
+        written (the float64 A, b when the rows were not parsed)."""
         yf = [Fraction(float(v)) for v in np.asarray(y, np.float64).reshape(-1)]
         strict = np.zeros(len(self.b), bool) if self.strict is None else self.strict
-        for a, b, st in zip(self.A, self.b, strict):
-            value = sum((Fraction(float(c)) * v for c, v in zip(a, yf) if c != 0),
-                        Fraction(0)) - Fraction(float(b)) - Fraction(float(tol))
+        rows = self.exact if self.exact is not None else tuple(
+            ({j: Fraction(float(c)) for j, c in enumerate(a) if c != 0}, Fraction(float(b)))
+            for a, b in zip(self.A, self.b))
+        for (coefs, b), st in zip(rows, strict):
+            value = sum((c * yf[j] for j, c in coefs.items()), Fraction(0)) - b \
+                - Fraction(float(tol))
             if not (value < 0 if st else value <= 0):
                 return False
         return True
@@ -674,9 +683,26 @@ class Disjunct:
 class VnnlibProperty:
     """Unsafe (sat) iff some x in [lower, upper] gives outputs satisfying some disjunct."""
 
-    lower: np.ndarray  # input_shape, float64
-    upper: np.ndarray  # input_shape, float64
+    lower: np.ndarray  # input_shape, float64 (rounded outwards)
+    upper: np.ndarray  # input_shape, float64 (rounded outwards)
     disjuncts: tuple[Disjunct, ...]
+    # The box as written: per input (lower, upper, lower strict, upper strict), exact.
+    exact_box: tuple[tuple[Fraction, Fraction, bool, bool], ...] | None = None
+
+    def contains(self, x: np.ndarray) -> bool:
+        """Whether the input ``x`` lies in the box exactly as written (strict bounds strictly;
+        the float64 box when it was not parsed)."""
+        flat = np.asarray(x, np.float64).reshape(-1)
+        if self.exact_box is None:
+            return bool(np.all(flat >= self.lower.reshape(-1)) and
+                        np.all(flat <= self.upper.reshape(-1)))
+        for v, (lo, up, lo_strict, up_strict) in zip(flat, self.exact_box):
+            if not math.isfinite(v):
+                return False
+            f = Fraction(float(v))
+            if not ((f > lo if lo_strict else f >= lo) and (f < up if up_strict else f <= up)):
+                return False
+        return True
 
     @property
     def n_outputs(self) -> int:
@@ -762,18 +788,26 @@ class _Vnnlib:
         return top
 
 
-def _number(tok: str) -> float | None:
+def _number(tok: str) -> Fraction | None:
+    """The exact value of a numeral (decimal, exponent or a rational like 1/3)."""
     try:
-        value = float(tok)
-    except ValueError:
-        if "/" in tok:  # rationals like 1/3
-            try:
-                num, den = tok.split("/")
-                return float(num) / float(den)
-            except (ValueError, ZeroDivisionError):
-                return None
+        value = Fraction(tok)
+    except (ValueError, ZeroDivisionError):
         return None
-    return value if math.isfinite(value) else None
+    return value if abs(value) <= _FLOAT_MAX else None  # beyond float64: unusable
+
+
+_FLOAT_MAX = Fraction(np.finfo(np.float64).max)
+
+
+def _outward(value: Fraction, up: bool) -> float:
+    """The float64 nearest ``value`` on the outside: >= value if ``up``, else <= value."""
+    f = float(value)
+    if up and Fraction(f) < value:
+        f = float(np.nextafter(f, np.inf))
+    elif not up and Fraction(f) > value:
+        f = float(np.nextafter(f, -np.inf))
+    return f
 
 
 def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibProperty:
@@ -838,6 +872,8 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
 
     lower = np.full(n_inputs, -np.inf)
     upper = np.full(n_inputs, np.inf)
+    exact_lower: list[tuple[Fraction, bool] | None] = [None] * n_inputs
+    exact_upper: list[tuple[Fraction, bool] | None] = [None] * n_inputs
     # Output constraint: a conjunction (over assertions) of DNFs; each DNF a list of row lists.
     output_dnfs: list[list[list[tuple[np.ndarray, float, bool]]]] = []
 
@@ -853,7 +889,7 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             kind, idx = m.group(1), int(m.group(2))
             if idx not in declared[kind]:
                 raise doc.error(pos, f"undeclared variable {expr}")
-            return {(kind, idx): 1.0}, 0.0
+            return {(kind, idx): Fraction(1)}, Fraction(0)
         if not expr or not isinstance(expr[0], str):
             raise doc.error(expr.pos, "expected a term")
         op, args = expr[0], [linear(a, getattr(a, "pos", pos)) for a in expr[1:]]
@@ -861,16 +897,16 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             raise doc.error(expr.pos, f"({op}) without arguments")
         if op == "+" or (op == "-" and len(args) > 1):
             coefs, const = dict(args[0][0]), args[0][1]
-            sign = 1.0 if op == "+" else -1.0
+            sign = 1 if op == "+" else -1
             for c, k in args[1:]:
                 for var, v in c.items():
-                    coefs[var] = coefs.get(var, 0.0) + sign * v
+                    coefs[var] = coefs.get(var, Fraction(0)) + sign * v
                 const += sign * k
             return coefs, const
         if op == "-":
             return {var: -v for var, v in args[0][0].items()}, -args[0][1]
         if op == "*":
-            coefs, const = {}, 1.0
+            coefs, const = {}, Fraction(1)
             for c, k in args:
                 if c and coefs:
                     raise doc.error(expr.pos, "non-linear product of variables")
@@ -895,7 +931,7 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
         (lc, lk), (rc, rk) = linear(expr[1], expr.pos), linear(expr[2], expr.pos)
         diff = dict(lc)
         for var, v in rc.items():
-            diff[var] = diff.get(var, 0.0) - v
+            diff[var] = diff.get(var, Fraction(0)) - v
         diff = {var: v for var, v in diff.items() if v != 0}
         b = rk - lk  # L - R <= 0  <=>  (lc - rc) . v <= rk - lk
         rows: list[tuple[dict, float]]
@@ -915,13 +951,18 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             if len(coefs) != 1:
                 raise doc.error(pos, "input constraints must bound a single X_i by a constant")
             ((_, idx), a), = coefs.items()
-            # A strict bound (X_i < c) excludes c itself: the box ends one float64 inside.
+            edge = b / a
+            # The tightest bound wins; at equal values a strict one (X_i < c excludes c).
             if a > 0:
-                edge = np.nextafter(b / a, -np.inf) if strict else b / a
-                upper[idx] = min(upper[idx], edge)
+                old = exact_upper[idx]
+                if old is None or edge < old[0] or (edge == old[0] and strict):
+                    exact_upper[idx] = (edge, strict)
+                upper[idx] = _outward(exact_upper[idx][0], up=True)
             else:
-                edge = np.nextafter(b / a, np.inf) if strict else b / a
-                lower[idx] = max(lower[idx], edge)
+                old = exact_lower[idx]
+                if old is None or edge > old[0] or (edge == old[0] and strict):
+                    exact_lower[idx] = (edge, strict)
+                lower[idx] = _outward(exact_lower[idx][0], up=False)
 
     def output_dnf(expr: Any) -> list[list[tuple[np.ndarray, float, bool]]]:
         if not isinstance(expr, _SList) or not expr or not isinstance(expr[0], str):
@@ -937,8 +978,9 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             for coefs, b in rows:
                 a = np.zeros(n_out)
                 for (_, j), v in coefs.items():
-                    a[j] = v
-                dense.append((a, b, op in ("<", ">")))
+                    a[j] = float(v)
+                exact = ({j: v for (_, j), v in coefs.items()}, b)
+                dense.append((a, float(b), op in ("<", ">"), exact))
             return [dense]
         if op == "and":
             result: list[list[tuple[np.ndarray, float, bool]]] = [[]]
@@ -983,6 +1025,13 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
         raise doc.error(None, f"missing {which} bound for X_{first} ({count} input variables "
                               "without both bounds)")
     empty = np.flatnonzero(lower > upper)
+    empty_exact = [i for i, (lo, up) in enumerate(zip(exact_lower, exact_upper))
+                   if lo[0] > up[0] or (lo[0] == up[0] and (lo[1] or up[1]))]
+    if empty_exact and not len(empty):
+        i = empty_exact[0]
+        raise doc.error(None, f"empty input box: X_{i} in {'(' if exact_lower[i][1] else '['}"
+                              f"{float(exact_lower[i][0])}, {float(exact_upper[i][0])}"
+                              f"{')' if exact_upper[i][1] else ']'}")
     if len(empty):
         i = int(empty[0])
         raise doc.error(None, f"empty input box: X_{i} in [{lower[i]}, {upper[i]}]")
@@ -1002,9 +1051,10 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
         a.flags.writeable = False
         b.flags.writeable = False
         strict.flags.writeable = False
-        disjuncts.append(Disjunct(a, b, strict))
+        disjuncts.append(Disjunct(a, b, strict, tuple(r[3] for r in rows)))
     lower = lower.reshape(input_shape)
     upper = upper.reshape(input_shape)
     lower.flags.writeable = False
     upper.flags.writeable = False
-    return VnnlibProperty(lower, upper, tuple(disjuncts))
+    exact_box = tuple((lo[0], up[0], lo[1], up[1]) for lo, up in zip(exact_lower, exact_upper))
+    return VnnlibProperty(lower, upper, tuple(disjuncts), exact_box)
