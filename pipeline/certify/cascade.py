@@ -18,8 +18,12 @@ Per input (reference §4.1, reordered so that the common case is cheap):
 
 From stage 3 on, every zonotope intersects its ReLU bounds with the tightest ones known so far
 (earlier zonotopes with other λ, LP): any valid bound may be used.
-A counterexample counts only after a float64 forward pass confirms it inside the box; a certificate
-only when every label's float64 (or solver-proved) lower bound exceeds ``margin_tolerance``.
+A counterexample counts only after a forward pass in the model's own precision (float32, or float64
+for a DOUBLE ONNX model) on a point of that precision inside the box satisfies the property exactly
+(strict rows strictly); a certificate only when every label's float64 (or solver-proved) lower
+bound exceeds the bound of :mod:`pipeline.certify.fp_error` on the floating-point error of that
+input's computation (plus ``margin_tolerance`` for solver-proved bounds). Ties: robustness means
+the label's logit is strictly above every other; a tie is a counterexample and never certified.
 Non-finite inputs, weights or bounds are never certified; a timeout is "unknown".
 
     certifier = Certifier(net, CertifyConfig())
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.certify import fp_error
 from pipeline.certify.milp import (
     EncodingError,
     GeneratorCompression,
@@ -89,6 +94,7 @@ class CertifyResult:
     bounds: dict[int, float] = field(default_factory=dict)
     stage_times: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    outputs: list[float] | None = None  # the model's outputs at the counterexample (VNN-LIB)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "label": self.label,
@@ -123,8 +129,9 @@ class Spec:
 
     Rows of all disjuncts are stacked: ``A`` (R, n) or per input (B, R, n), ``b`` (R,) or (B, R),
     ``owner`` (R,) the disjunct of each row. A disjunct's margin is max_i (A_i y - b_i): the point
-    is safe for it iff the margin is > 0. ``strict``: a counterexample needs a margin < 0 (a
-    misclassification) rather than <= 0 (VNN-LIB's non-strict inequalities).
+    is safe for it iff the margin is > 0. ``strict``: a counterexample needs a margin < 0 rather
+    than <= 0; ``row_strict`` (R,) sets it per row (VNN-LIB's < and > atoms). Robustness uses
+    non-strict rows: a tie with another label is a counterexample.
     """
 
     A: Tensor
@@ -134,9 +141,10 @@ class Spec:
     strict: bool
     labels: Tensor | None = None  # (B,) for robustness (enables the CE attack loss)
     names: list[int] | None = None  # per disjunct: the adversarial label (single input)
+    row_strict: Tensor | None = None  # (R,) bool; None: ``strict`` for every row
 
     @classmethod
-    def robustness(cls, labels: Tensor, n_classes: int, strict: bool = True) -> "Spec":
+    def robustness(cls, labels: Tensor, n_classes: int, strict: bool = False) -> "Spec":
         """Disjunct k of input b: y_{a_k} >= y_{label_b}, for the labels a_k != label_b."""
         labels = labels.reshape(-1).to(torch.int64).cpu()
         bsz = labels.shape[0]
@@ -151,30 +159,33 @@ class Spec:
     @classmethod
     def disjunctive(cls, disjuncts: Iterable[Any], strict: bool = False) -> "Spec":
         """From (A, b) pairs or objects with ``.A``/``.b`` (VNN-LIB disjuncts)."""
-        rows, offsets, owner = [], [], []
+        rows, offsets, owner, stricts = [], [], [], []
         for k, d in enumerate(disjuncts):
             a, b = (d.A, d.b) if hasattr(d, "A") else d
             a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_1d(np.asarray(b, float))
             rows.append(a)
             offsets.append(b)
             owner += [k] * len(a)
+            st = getattr(d, "strict", None)
+            stricts.append(np.full(len(a), strict) if st is None else np.asarray(st, bool))
         if not rows:
             raise CertifyError("the property has no disjunct")
         return cls(torch.as_tensor(np.concatenate(rows)), torch.as_tensor(np.concatenate(offsets)),
                    torch.as_tensor(owner, dtype=torch.int64), len(rows), strict, None,
-                   list(range(len(rows))))
+                   list(range(len(rows))), torch.as_tensor(np.concatenate(stricts)))
 
     def to(self, device: torch.device) -> "Spec":
         return Spec(self.A.to(device), self.b.to(device), self.owner.to(device), self.n_disjuncts,
                     self.strict, None if self.labels is None else self.labels.to(device),
-                    self.names)
+                    self.names, None if self.row_strict is None else self.row_strict.to(device))
 
     def select(self, idx: Tensor) -> "Spec":
         """The spec of a subset of the inputs (per-input A/b only)."""
         if self.A.dim() == 2:
             return self
         return Spec(self.A[idx], self.b[idx], self.owner, self.n_disjuncts, self.strict,
-                    None if self.labels is None else self.labels[idx], self.names)
+                    None if self.labels is None else self.labels[idx], self.names,
+                    self.row_strict)
 
     def disjunct(self, k: int, item: int = 0) -> tuple[np.ndarray, np.ndarray]:
         rows = (self.owner == k).nonzero().reshape(-1)
@@ -202,8 +213,41 @@ class Spec:
         return self._reduce(torch.einsum("bn,brn->br", center, a) - b - radius)
 
     def violated(self, y: Tensor) -> Tensor:
-        m = self.margins(y).min(1).values
-        return m < 0 if self.strict else m <= 0
+        """(B,) whether outputs y lie in some disjunct's unsafe region, computed in y's dtype (a
+        candidate test: :meth:`violated_exactly` decides)."""
+        a, b = self._expand(y.shape[0], y.dtype)
+        rows = torch.einsum("bn,brn->br", y, a) - b
+        strict = self._strict(rows.device)
+        bad = torch.where(strict, rows < 0, rows <= 0).to(rows.dtype)
+        all_rows = torch.ones(rows.shape[0], self.n_disjuncts, dtype=rows.dtype,
+                              device=rows.device)
+        all_rows = all_rows.scatter_reduce(1, self.owner.to(rows.device).expand_as(rows), bad,
+                                           "amin")
+        return all_rows.amax(1) > 0
+
+    def violated_exactly(self, y: Iterable[float], item: int = 0) -> bool:
+        """Whether the output vector y (finite floats, e.g. a float32 forward pass) satisfies
+        some disjunct exactly as written: every row a·y - b <= 0, or < 0 where strict, in exact
+        rational arithmetic on the values of y, A and b."""
+        from fractions import Fraction
+
+        yf = [Fraction(float(v)) for v in y]
+        a = (self.A if self.A.dim() == 2 else self.A[item]).cpu().numpy()
+        b = (self.b if self.b.dim() == 1 else self.b[item]).cpu().numpy()
+        strict = self._strict(torch.device("cpu")).numpy()
+        owner = self.owner.cpu().numpy()
+        unsafe = np.ones(self.n_disjuncts, dtype=bool)
+        for r in range(a.shape[0]):
+            value = sum((Fraction(float(c)) * v for c, v in zip(a[r], yf) if c != 0),
+                        Fraction(0)) - Fraction(float(b[r]))
+            if not (value < 0 if strict[r] else value <= 0):
+                unsafe[owner[r]] = False
+        return bool(unsafe.any())
+
+    def _strict(self, device: torch.device) -> Tensor:
+        if self.row_strict is not None:
+            return self.row_strict.to(device)
+        return torch.full((self.owner.shape[0],), bool(self.strict), device=device)
 
     def _expand(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         a, b = self.A.to(dtype), self.b.to(dtype)
@@ -236,6 +280,10 @@ class Certifier:
         self.device = torch.device(device)
         self.net32 = _frozen_copy(net, torch.float32, self.device)
         self.net64 = _frozen_copy(net, torch.float64, self.device)
+        # The precision the model runs in: counterexamples are checked, and the margins' error
+        # bounds derived, in it (float64 only for a model that declares it, e.g. DOUBLE ONNX).
+        self.precision = fp_error.model_precision(net)
+        self.net_run = self.net32 if self.precision == torch.float32 else self.net64
         self.input_shape = tuple(net.input_shape)
         self.finite = all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
                           if t.is_floating_point())
@@ -266,15 +314,15 @@ class Certifier:
 
     def certify_box(self, x: Tensor | np.ndarray | None, lower: Tensor | np.ndarray,
                     upper: Tensor | np.ndarray, label: int, index: int = 0,
-                    strict: bool = True) -> CertifyResult:
+                    strict: bool = False) -> CertifyResult:
         """Robustness over an arbitrary box (e.g. a VNN-LIB one in normalised space); ``x`` is
-        the clean point (the box centre when None). ``strict=False``: a tie is a counterexample
-        (VNN-LIB's ``Y_j >= Y_label``)."""
+        the clean point (the box centre when None). A tie is a counterexample (VNN-LIB's
+        ``Y_j >= Y_label``); ``strict=True``: only ``Y_j > Y_label`` is."""
         lower, upper = self._input(lower), self._input(upper)
         x64 = (lower + upper) / 2 if x is None else self._input(x)
         return self._certify(x64, lower, upper, self._robustness(label, strict), index, label)
 
-    def _robustness(self, label: int, strict: bool = True) -> Spec:
+    def _robustness(self, label: int, strict: bool = False) -> Spec:
         if not 0 <= int(label) < self.n_outputs:
             raise CertifyError(f"label {label} outside 0..{self.n_outputs - 1}")
         return Spec.robustness(torch.tensor([int(label)]), self.n_outputs, strict)
@@ -310,6 +358,8 @@ class Certifier:
         names = spec.names or list(range(spec.n_disjuncts))
         best = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
         todo = torch.ones(spec.n_disjuncts, dtype=torch.bool)
+        # Per disjunct, what a lower bound must exceed (fp_error; set at the first zonotope).
+        tau = torch.full((spec.n_disjuncts,), math.inf, dtype=torch.float64)
         timer = _Timer(res)
 
         def finish(status: str, method: str, message: str = "") -> CertifyResult:
@@ -323,25 +373,25 @@ class Certifier:
             bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
             finite = torch.isfinite(bounds)
             best[finite] = torch.maximum(best[finite], bounds[finite])
-            todo[finite & (bounds > cfg.margin_tolerance)] = False
+            todo[finite & (bounds > tau)] = False
             return not bool(todo.any())
 
         if bool((lower > upper).any()):
             raise CertifyError("empty input box (a lower bound above its upper bound)")
         finite_in = all(bool(torch.isfinite(t).all()) for t in (x, lower, upper))
         with timer("clean"), torch.no_grad():
-            logits = self.net64(x)
+            # The clean point as the model takes it: in its precision, inside the box.
+            x_run = _round_into(x, lower, upper, self.precision) if finite_in else None
+            logits = self.net_run(x if x_run is None else x_run).double()
         if finite_in and bool(torch.isfinite(logits).all()):
             res.predicted = int(logits.argmax(1))
         if not (finite_in and self.finite and bool(torch.isfinite(logits).all())):
             return finish("unknown", "nonfinite", "NaN or inf in the input, box or weights")
-        if spec.labels is not None:
-            if res.predicted != label:
-                res.counterexample = x.reshape(-1).tolist()  # the clean point itself
-                return finish("misclassified", "clean")
-        elif bool(spec.violated(logits)) and _inside(x, lower, upper):
-            res.counterexample = x.reshape(-1).tolist()
-            return finish("falsified", "clean")
+        if x_run is not None and spec.violated_exactly(logits[0].tolist()):
+            res.counterexample = x_run.reshape(-1).tolist()  # the clean point itself
+            # A tie with the label's logit (argmax may still name the label) is falsified.
+            return finish("misclassified" if spec.labels is not None and res.predicted != label
+                          else "falsified", "clean")
 
         # 2. A cheap attack first: a counterexample makes every later stage unnecessary.
         if cfg.pgd_quick_restarts > 0:
@@ -357,6 +407,7 @@ class Certifier:
         # 3. DeepZ in float64.
         with timer("zonotope"), torch.no_grad():
             run = run_zonotope(self.net64, lower, upper, compression=self.compression)
+            tau[:] = self._threshold(lower, upper, run, spec)[0].cpu()
             if record(spec.lower(run.element)[0], "zonotope"):
                 return finish("certified", "zonotope")
         if time.perf_counter() > deadline:
@@ -371,7 +422,8 @@ class Certifier:
         if cfg.slope_iters > 0 and self.relu_indices:
             with timer("zonotope_slopes"):
                 out = self._optimise_slopes(lower, upper, spec, todo.view(1, -1).to(self.device),
-                                            run, deadline, refined=known)
+                                            run, deadline, refined=known,
+                                            tau=tau.view(1, -1).to(self.device))
                 slopes, priority = out.slopes, out.priority
                 known = self._tighter(lower, upper, slopes, known)
             if record(out.bounds[0], "zonotope_slopes"):
@@ -404,7 +456,8 @@ class Certifier:
                     if not done and slopes is not None and time.perf_counter() < deadline:
                         out = self._optimise_slopes(
                             lower, upper, spec, todo.view(1, -1).to(self.device), run, deadline,
-                            refined=known, init={r: s_.float() for r, s_ in slopes.items()})
+                            refined=known, init={r: s_.float() for r, s_ in slopes.items()},
+                            tau=tau.view(1, -1).to(self.device))
                         slopes, priority = out.slopes, out.priority or priority
                         known = self._tighter(lower, upper, slopes, known)
                         done = record(out.bounds[0], "lp")
@@ -423,7 +476,7 @@ class Certifier:
                 with timer("milp"):
                     for start in self._milp_starts():
                         outcome, cex = self._milp(lower, upper, spec, start, todo, best, slopes,
-                                                  known, priority, deadline, record)
+                                                  known, priority, deadline, record, tau)
                         if outcome != "failed":
                             break
             except EncodingError as err:
@@ -454,7 +507,7 @@ class Certifier:
         """PGD in the box, all restarts of all inputs in one batch, on the coefficients in
         [-1, 1] (step in their units). Half of the restarts of a robustness spec minimise the
         margin, half maximise the cross-entropy. Returns (found (B,), point (B, ...) float64):
-        a point counts only when a float64 forward pass confirms the violation inside the box."""
+        a point counts only when :meth:`_check_points` confirms it."""
         bsz = lower.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         center64, radius64 = (upper + lower) / 2, (upper - lower) / 2
@@ -481,7 +534,7 @@ class Certifier:
                 if step < steps:
                     (grad,) = torch.autograd.grad(objective.sum(), coeff)
             with torch.no_grad():
-                cand = (margin < 0) if spec.strict else (margin <= 0)
+                cand = spec.violated(logits.detach()) | (margin <= 0)
                 cand &= ~found.repeat_interleave(restarts, 0)
                 if bool(cand.any()):
                     self._confirm(cand, coeff, center64, radius64, lower, upper, spec, restarts,
@@ -500,24 +553,41 @@ class Certifier:
         owner = idx // restarts
         point = (center64[owner] + radius64[owner] * coeff.detach()[idx].double())
         point = torch.maximum(torch.minimum(point, upper[owner]), lower[owner])
-        y = self.net64(point)
         sub = spec.select(owner) if spec.A.dim() == 3 else spec
-        ok = sub.violated(y) & torch.isfinite(y).all(1)
+        ok, point = self._check_points(point, lower[owner], upper[owner], sub)
         for j in ok.nonzero().reshape(-1).tolist():
             b = int(owner[j])
             if not found[b]:
                 found[b] = True
                 best[b] = point[j]
 
+    def _check_points(self, point: Tensor, lower: Tensor, upper: Tensor, spec: Spec
+                      ) -> tuple[Tensor, Tensor]:
+        """(ok (N,), points (N, ...) float64): each point rounded into its box in the model's
+        precision, run by the model in that precision, and ok where the outputs satisfy the
+        property exactly (:meth:`Spec.violated_exactly`, strict rows strictly)."""
+        with torch.no_grad():
+            x = _round_into(point, lower, upper, self.precision)
+            y = self.net_run(x).double()
+        ok = torch.zeros(len(x), dtype=torch.bool)
+        inside = ((x.double() >= lower) & (x.double() <= upper)).flatten(1).all(1)
+        cand = (spec.violated(y) & torch.isfinite(y).all(1) & inside).cpu()
+        for j in cand.nonzero().reshape(-1).tolist():
+            ok[j] = spec.violated_exactly(y[j].tolist(), j if spec.A.dim() == 3 else 0)
+        return ok.to(point.device), x.double()
+
     def _optimise_slopes(self, lower: Tensor, upper: Tensor, spec: Spec, todo: Tensor,
                          run: ZonotopeRun, deadline: float | None,
                          refined: dict[int, tuple[Tensor, Tensor]] | None = None,
                          iterations: int | None = None,
-                         init: dict[int, Tensor] | None = None) -> _SlopeOutcome:
+                         init: dict[int, Tensor] | None = None,
+                         tau: Tensor | None = None) -> _SlopeOutcome:
         """COLT's learn_slopes for a batch: Adam on λ (float32) against the worst-case margins of
-        the open disjuncts; candidates are re-checked in float64 (the only bounds that count)."""
+        the open disjuncts; candidates are re-checked in float64 (the only bounds that count)
+        and verified above ``tau`` (B, D), the floating-point error bound of each margin."""
         cfg = self.cfg
-        tol = cfg.margin_tolerance
+        tol = tau if tau is not None else \
+            torch.full(todo.shape, math.inf, dtype=torch.float64, device=self.device)
         bsz = lower.shape[0]
         lo32, up32 = lower.float(), upper.float()
         refined = refined or {}
@@ -544,7 +614,7 @@ class Certifier:
                 lb = spec.select(idx).lower(out.element)
             ok = torch.isfinite(lb)
             bounds[idx] = torch.where(ok, torch.maximum(bounds[idx], lb), bounds[idx])
-            verified[idx] |= ok & (lb > tol)
+            verified[idx] |= ok & (lb > tol[idx])
             pending[idx] &= ~verified[idx]
 
         it = 0
@@ -655,7 +725,7 @@ class Certifier:
     def _milp(self, lower: Tensor, upper: Tensor, spec: Spec, start: int, todo: Tensor,
               best: Tensor, slopes: dict[int, Tensor] | None,
               refined: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
-              deadline: float, record: Any) -> tuple[str, list[float] | None]:
+              deadline: float, record: Any, tau: Tensor) -> tuple[str, list[float] | None]:
         """Per open disjunct, hardest first; stops at the first one that fails (COLT's
         fail_break). Returns ("certified" | "failed" | "timeout", None) or ("falsified", the
         counterexample): an encoding from the input box yields input points, and a negative one
@@ -680,8 +750,11 @@ class Certifier:
                 enc = self.encoder.encode(lower, upper, run, start=start, priorities=prio,
                                           max_binary_per_layer=cfg.max_binary_per_layer,
                                           max_binary_total=cfg.max_binary_total)
+            # A solver's bound holds up to its tolerances: it must clear the error bound by
+            # margin_tolerance more.
             out = solve_disjunct(enc, a, b, solver=cfg.solver, time_limit_s=remaining,
-                                 tolerance=cfg.margin_tolerance, threads=cfg.solver_threads)
+                                 tolerance=float(tau[k]) + cfg.margin_tolerance,
+                                 threads=cfg.solver_threads)
             log.debug("MILP from block %d, disjunct %d: %s bound %.4g (%d/%d binary) in %.2fs",
                       start, k, out.status, out.bound, enc.num_binary, enc.num_unstable,
                       out.runtime_s)
@@ -689,7 +762,7 @@ class Certifier:
                 bound = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
                 # A proved bound (any status but infeasible/error) is kept for the report;
                 # only a verified one closes the disjunct (record's tolerance test).
-                bound[k] = out.bound if out.verified else min(out.bound, cfg.margin_tolerance)
+                bound[k] = out.bound if out.verified else min(out.bound, float(tau[k]))
                 record(bound, "milp")
             if out.input_point is not None and out.value is not None and out.value < 0:
                 cex = self._confirmed_point(out.input_point, lower, upper, spec)
@@ -701,13 +774,12 @@ class Certifier:
 
     def _confirmed_point(self, point: np.ndarray, lower: Tensor, upper: Tensor,
                          spec: Spec) -> list[float] | None:
-        """``point`` (a solver's input values) clipped into the box, if the network's plain
-        float64 forward pass violates the property there; else None."""
+        """``point`` (a solver's input values) clipped into the box, if the network's forward
+        pass in its own precision violates the property there exactly; else None."""
         x = torch.as_tensor(point, dtype=torch.float64, device=lower.device).reshape(lower.shape)
         x = torch.maximum(torch.minimum(x, upper), lower)
-        with torch.no_grad():
-            y = self.net64(x)
-        if bool(torch.isfinite(y).all()) and bool(spec.violated(y).all()):
+        ok, x = self._check_points(x, lower, upper, spec)
+        if bool(ok.all()):
             return x.reshape(-1).tolist()
         return None
 
@@ -750,7 +822,8 @@ class Certifier:
         with torch.no_grad():
             run = run_zonotope(self.net64, lower, upper, compression=self.compression)
             lb = spec.lower(run.element)
-        done = (torch.isfinite(lb) & (lb > cfg.margin_tolerance))
+            tau = self._threshold(lower, upper, run, spec)
+        done = (torch.isfinite(lb) & (lb > tau))
         if bool(done.all(1).all()) or cfg.slope_iters <= 0 or not self.relu_indices:
             return done.all(1)
         # Only the inputs still open take part in the slope steps.
@@ -762,7 +835,7 @@ class Certifier:
                                                         in run.relaxations.items()})
         t_end = time.perf_counter() + cfg.timeout_per_input_s * len(rows)
         out = self._optimise_slopes(lower[rows], upper[rows], sub_spec, ~done[rows], sub_run,
-                                    t_end, refined=known)
+                                    t_end, refined=known, tau=tau[rows])
         done[rows] |= out.verified.to(self.device)
         if not cfg.milp:
             return done.all(1)
@@ -772,13 +845,14 @@ class Certifier:
             deadline = time.perf_counter() + cfg.timeout_per_input_s
             best = out.bounds[k].clone()
             open_ = (~done[j]).cpu().clone()
+            tau_j = tau[j].cpu()
 
             def record(bounds: Tensor, stage: str, open_: Tensor = open_,
-                       best: Tensor = best) -> bool:
+                       best: Tensor = best, tau_j: Tensor = tau_j) -> bool:
                 bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
                 finite = torch.isfinite(bounds)
                 best[finite] = torch.maximum(best[finite], bounds[finite])
-                open_[finite & (bounds > cfg.margin_tolerance)] = False
+                open_[finite & (bounds > tau_j)] = False
                 return not bool(open_.any())
 
             one = torch.tensor([k], device=self.device)
@@ -788,12 +862,20 @@ class Certifier:
                     self._milp_starts()[0], open_, best,
                     {r: s_[one] for r, s_ in out.slopes.items()},
                     {r: (lo[one], up[one]) for r, (lo, up) in known.items()},
-                    {r: p[one] for r, p in out.priority.items()} or None, deadline, record)
+                    {r: p[one] for r, p in out.priority.items()} or None, deadline, record,
+                    tau_j)
             except EncodingError:
                 outcome = "failed"
             if outcome == "certified":
                 done[j] = True
         return done.all(1)
+
+    def _threshold(self, lower: Tensor, upper: Tensor, run: ZonotopeRun, spec: Spec) -> Tensor:
+        """(B, D) what each disjunct's float64 lower bound must exceed: the bound on the
+        floating-point error of the model's run and of the bound computation
+        (:mod:`pipeline.certify.fp_error`), from this region's reachable magnitudes."""
+        err = fp_error.output_error(self.net64, lower, upper, run.pre_bounds, self.precision)
+        return fp_error.margin_threshold(err, spec.A, spec.b, spec.owner, spec.n_disjuncts)
 
     def _chunk_size(self) -> int:
         """Inputs per zonotope batch so that the generator tensors stay within the budget
@@ -925,6 +1007,17 @@ def _to_device(comp: GeneratorCompression, device: torch.device) -> GeneratorCom
         out.fuse_weight = comp.fuse_weight.to(device)
         out.fuse_map = comp.fuse_map.to(device)
     return out
+
+
+def _round_into(x: Tensor, lower: Tensor, upper: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (nearest) inside [lower, upper]: the box edges rounded inwards to that
+    precision (a box without a point of it keeps the rounded edge, which then fails the box)."""
+    xr = x.to(dtype)
+    lo, up = lower.to(dtype), upper.to(dtype)
+    lo = torch.where(lo.double() < lower, torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
+    up = torch.where(up.double() > upper, torch.nextafter(up, torch.full_like(up, -math.inf)),
+                     up)
+    return torch.maximum(torch.minimum(xr, up), lo)
 
 
 def _inside(x: Tensor, lower: Tensor, upper: Tensor) -> bool:
