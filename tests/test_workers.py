@@ -36,8 +36,10 @@ TINY = [
     "--set", "study.heartbeat_interval_s=2",
     "--set", "study.grace_period_s=6",
 ]
+pytestmark = pytest.mark.timeout(2 * 1800)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-PROCESS_TIMEOUT_S = 420
+# A hang guard, not a speed requirement: workers on a busy 2-core machine can be slow.
+PROCESS_TIMEOUT_S = 1800
 
 
 def unique(prefix: str) -> str:
@@ -175,7 +177,7 @@ def test_trial_cap_is_exact_under_concurrent_asks(tmp_path: Path, backend: str) 
     go.touch()
     counts = []
     for proc in procs:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT_S)
         assert proc.returncode == 0, err[-3000:]
         counts.append(int(out.split()[-1]))
     study = load(url, name)
@@ -220,7 +222,8 @@ def stage0_saved(run_dir: Path) -> bool:
         return False
 
 
-def wait_until(ready, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+def wait_until(ready, proc: subprocess.Popen, log: Path, what: str,
+               timeout: float = PROCESS_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -270,10 +273,10 @@ def test_killed_worker_is_retried_and_resumes(tmp_path: Path) -> None:
     grace, interval = 6, 2
     failed_after = (dead.datetime_complete - killed_at).total_seconds()
     assert failed_after >= grace - interval - 1, failed_after
-    # ... and by the restarted worker at its first trial start or, busy, at its next one.
-    assert failed_after <= PROCESS_TIMEOUT_S, failed_after
+    # ... and by the restarted worker (at its first trial start or, busy, at its next one); the
+    # retry starts after the dead trial was marked FAIL.
     retry_after = (retry.datetime_start - killed_at).total_seconds()
-    assert retry_after < PROCESS_TIMEOUT_S
+    assert retry_after >= failed_after, (retry_after, failed_after)
     # Resumed, not restarted: stage 0 was not trained again.
     assert (run0 / "stage0.pt").stat().st_mtime_ns == stage0_mtime
     metrics = (run0 / "metrics.jsonl").read_text().splitlines()
