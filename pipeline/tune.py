@@ -645,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch-best", action="store_true",
                         help="train the best trial with the launch schedule and certify the test set")
     parser.add_argument("--trial", type=int, help="with --launch-best: launch this trial instead")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="with --launch-best: train with seeds train.seed+0..K-1 (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -662,11 +664,16 @@ def main(argv: list[str] | None = None) -> int:
         study_file = load_study_file(args.study, args.overrides)
         validate_layers_of(study_file)  # before anything touches the storage
         if args.launch_best:
-            from pipeline.launch import launch
+            from pipeline.launch import launch_seeds
 
-            result = launch(study_file, args.storage, trial_number=args.trial, device=args.device,
-                            runs_dir=args.runs_dir)
-            print({k: v for k, v in result.items()})
+            if args.seeds < 1:
+                print("error: --seeds must be >= 1", file=sys.stderr)
+                return 2
+            for result in launch_seeds(study_file, args.storage, trial_number=args.trial,
+                                       device=args.device, runs_dir=args.runs_dir,
+                                       seeds=args.seeds):
+                print({k: v for k, v in result.items() if not k.endswith("_bits")
+                       and k not in ("train_config", "certify_test")})
             return 0
         study = run_tuning(study_file, args.storage, args.n_trials, args.timeout, args.device,
                            args.runs_dir)
