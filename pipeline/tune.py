@@ -388,8 +388,16 @@ class Objective:
             if not report.stage_end:
                 return
             stage_times.append(time.perf_counter() - stage_start[0])
-            scores.update(self._scored(trial, report.stage,
-                                       score(report.net, loaders.valid, cfg, study)))
+            # Scoring must not move the training RNGs: the trial's weights are then those of
+            # an unscored run of the same config (``pipeline.train --from-trial``).
+            from pipeline.checkpoint import rng_state, set_rng_state
+
+            rng = rng_state()
+            try:
+                scores.update(self._scored(trial, report.stage,
+                                           score(report.net, loaders.valid, cfg, study)))
+            finally:
+                set_rng_state(rng)
             report.net.train()
             trial.set_user_attr("stage_time_s", stage_times)
             trial.set_user_attr(f"stage{report.stage}_val", scores)
