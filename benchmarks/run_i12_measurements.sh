@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Measurements of issue 12 on the digits quickstart (CPU, 1 torch thread per process).
-#   bash benchmarks/run_i12_measurements.sh fidelity|samplers
+#   bash benchmarks/run_i12_measurements.sh fidelity [launch]   # the study, then 4 launches
+#   bash benchmarks/run_i12_measurements.sh samplers
 set -euo pipefail
 export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 PYTHONPATH=$PWD
 OUT=${OUT:-runs/i12}
@@ -9,11 +10,11 @@ BUDGET=(--set trial.epochs_per_stage=2 --set trial.mix_epochs=1 --set trial.lr_s
 case "$1" in
 fidelity)
   # Every trial runs to completion (pruner none) so both pruners can be replayed on it offline.
-  python -m pipeline.tune --storage "sqlite:///$OUT/fidelity.db" --runs-dir "$OUT/runs" \
-    --n-trials 8 --set study.pruner=none --set study.sampler=tpe "${BUDGET[@]}"
-  LAUNCH=(--set launch.epochs_per_stage=4 --set launch.mix_epochs=1 --set launch.lr_step=1
-          --set certify_test.n_inputs=300 --set certify_test.timeout_per_input_s=5.0)
-  for n in ${TRIALS:-0 1 2 3 4 5}; do
+  LAUNCH=(--set launch.epochs_per_stage=3 --set launch.mix_epochs=1 --set launch.lr_step=1
+          --set certify_test.n_inputs=200 --set certify_test.timeout_per_input_s=2.0)
+  [ "${2:-}" = launch ] || python -m pipeline.tune --storage "sqlite:///$OUT/fidelity.db" \
+    --runs-dir "$OUT/runs" --n-trials 8 --set study.pruner=none "${BUDGET[@]}"
+  for n in ${TRIALS:-0 1 2 3}; do
     python -m pipeline.tune --storage "sqlite:///$OUT/fidelity.db" --runs-dir "$OUT/runs" \
       --set study.pruner=none "${BUDGET[@]}" "${LAUNCH[@]}" --launch-best --trial "$n"
   done ;;
@@ -22,7 +23,8 @@ samplers)
     for sampler in tpe gp; do
       python -m pipeline.tune --storage "sqlite:///$OUT/samplers.db" --runs-dir "$OUT/runs_s" \
         --n-trials 6 --set study.name=qs_${sampler}_s${seed} --set study.seed=$seed \
-        --set study.sampler=$sampler --set study.pruner=none "${BUDGET[@]}"
+        --set study.sampler=$sampler --set study.pruner=none --set study.sampler_startup_trials=2 \
+        "${BUDGET[@]}" --set trial.data.max_train_images=500 --set certify_val.n_inputs=200
     done
   done ;;
 esac

@@ -104,6 +104,8 @@ class StudySettings:
     # the analysis can draw the seed band the other trials are compared against.
     seed_repeats: int = 1
     seed: int = 0
+    # Random trials before TPE / GP model the results (the published point counts as one).
+    sampler_startup_trials: int = 5
     heartbeat_interval_s: int = 60
     grace_period_s: int = 180
     max_retry: int = 3

@@ -246,9 +246,9 @@ def make_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
     if s.sampler == "gp":
         # Gaussian-process BO; like TPE it reads the constraint set by the objective
         # (trial.set_constraint), so infeasible trials steer it away.
-        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=5,
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.sampler_startup_trials,
                                          warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=5)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.sampler_startup_trials)
 
 
 def make_pruner(study: StudyFile) -> optuna.pruners.BasePruner:
