@@ -493,8 +493,9 @@ def _replace_device(cfg: TrainConfig, device: str) -> TrainConfig:
 
 
 def best_trial(study: optuna.Study, min_nat_acc: float) -> optuna.trial.FrozenTrial:
-    """Highest validation certified accuracy among complete feasible trials (the one Optuna's
-    ``study.best_trial`` and the dashboard name too; ties go to the earliest trial).
+    """Highest validation certified accuracy among complete feasible trials: the one Optuna's
+    ``study.best_trial`` and the dashboard name too (infeasible trials' values are shifted
+    below every feasible one by the objective); exact ties may be broken differently there.
 
     Feasible: every constraint set with ``trial.set_constraint`` is <= 0 (Optuna's rule) and the
     validation natural accuracy is at or above ``min_nat_acc``. Whether the best is *better*
@@ -507,7 +508,9 @@ def best_trial(study: optuna.Study, min_nat_acc: float) -> optuna.trial.FrozenTr
     if not feasible:
         raise LookupError(f"study {study.study_name!r} has no complete trial with validation "
                           f"natural accuracy >= {min_nat_acc}")
-    return max(feasible, key=lambda t: (t.user_attrs[VAL_CERT], -t.number))
+    # Ties: higher natural accuracy, then the earlier trial (as analysis.report.best_trial).
+    return max(feasible, key=lambda t: (t.user_attrs[VAL_CERT], t.user_attrs.get(VAL_NAT, 0.0),
+                                        -t.number))
 
 
 def compare_to_published(study: optuna.Study, trial: optuna.trial.FrozenTrial,
