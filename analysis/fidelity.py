@@ -5,11 +5,13 @@ schedule does, and which differences between trials are larger than the noise?
     table = fidelity_table(load_trials(url, name), load_launches(url, name))
     rho = spearman(table)       # {"n", "rho", "p"}: scipy.stats.spearmanr over the launches
 
+Paired comparisons of two launches' per-image test outcomes: pipeline.stats.paired_launches
+(the analysis imports nothing of the pipeline).
+
 * :func:`fidelity_table`: one row per launched trial (the mean over its launch seeds): the trial's
   validation certified accuracy and the launch's test certified accuracy;
 * :func:`spearman`: Spearman's rank correlation of the two, with its p-value and n (n >= 3 or NaN);
 * :func:`seed_band`: the validation scores of the published point's seed repeats;
-* :func:`paired_launches`: paired difference of two launches on the same test images;
 * :func:`section` / :func:`draw`: the report's "Noise and fidelity" section and figures (hooks
   called from :mod:`analysis.report`).
 """
@@ -73,20 +75,6 @@ def seed_band(trials: pd.DataFrame) -> pd.DataFrame:
     for col in ("val_cert_lo", "val_cert_hi"):
         out[col] = pub[col].astype(float) if col in pub else np.nan
     return out.reset_index(drop=True)
-
-
-def paired_launches(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Paired difference (a − b) of two launch entries (study attribute ``launches``) on the same
-    test images, from their ``test_cert_bits``: diff, 95% interval, exact McNemar p-value."""
-    from pipeline.stats import paired_difference, unpack_bits
-
-    ba, bb = a.get("test_cert_bits"), b.get("test_cert_bits")
-    if not ba or not bb:
-        raise ValueError("both launches need per-image test outcomes (test_cert_bits)")
-    if ba.get("first_index", 0) != bb.get("first_index", 0) or ba["n"] != bb["n"]:
-        raise ValueError(f"the launches certified different test images ({ba['n']} from "
-                         f"{ba.get('first_index', 0)} vs {bb['n']} from {bb.get('first_index', 0)})")
-    return paired_difference(unpack_bits(ba), unpack_bits(bb))
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,5 +127,17 @@ def unpack_bits(packed: dict[str, Any]) -> list[bool]:
     return np.unpackbits(raw)[: int(packed["n"])].astype(bool).tolist()
 
 
+def paired_launches(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Paired difference (a − b) of two launch entries (study attribute ``launches``) on the same
+    test images, from their ``test_cert_bits``: :func:`paired_difference` of the outcomes."""
+    ba, bb = a.get("test_cert_bits"), b.get("test_cert_bits")
+    if not ba or not bb:
+        raise ValueError("both launches need per-image test outcomes (test_cert_bits)")
+    if ba.get("first_index", 0) != bb.get("first_index", 0) or ba["n"] != bb["n"]:
+        raise ValueError(f"the launches certified different test images ({ba['n']} from "
+                         f"{ba.get('first_index', 0)} vs {bb['n']} from {bb.get('first_index', 0)})")
+    return paired_difference(unpack_bits(ba), unpack_bits(bb))
+
+
 __all__ = ["wilson_interval", "discordant", "mcnemar_exact", "sign_test", "paired_difference",
-           "pack_bits", "unpack_bits"]
+           "pack_bits", "unpack_bits", "paired_launches"]
