@@ -19,12 +19,13 @@ fidelity)
       --set study.pruner=none "${BUDGET[@]}" "${LAUNCH[@]}" --launch-best --trial "$n"
   done ;;
 samplers)
+  # SAMPLERS="tpe" / "gp" run one chain (two chains in parallel); TRAIN caps the training images.
   for seed in 0 1 2; do
-    for sampler in tpe gp; do
-      python -m pipeline.tune --storage "sqlite:///$OUT/samplers.db" --runs-dir "$OUT/runs_s" \
+    for sampler in ${SAMPLERS:-tpe gp}; do
+      python -m pipeline.tune --storage "sqlite:///$OUT/${DB:-samplers}.db" --runs-dir "$OUT/runs_${DB:-samplers}" \
         --n-trials 6 --set study.name=qs_${sampler}_s${seed} --set study.seed=$seed \
         --set study.sampler=$sampler --set study.pruner=none --set study.sampler_startup_trials=2 \
-        "${BUDGET[@]}" --set trial.data.max_train_images=500 --set certify_val.n_inputs=200
+        "${BUDGET[@]}" --set trial.data.max_train_images=${TRAIN:-500} --set certify_val.n_inputs=200
     done
   done ;;
 esac
