@@ -290,10 +290,11 @@ def create_study(study: StudyFile, storage: optuna.storages.BaseStorage) -> optu
                 if s.seed_repeats > 1:
                     attrs.update(seed_repeat=repeat, train_seed=study.base.seed + repeat)
                 opt_study.enqueue_trial(study.published_knobs(), user_attrs=attrs)
-    if s.objective == "pareto":
-        opt_study.set_metric_names([VAL_NAT, VAL_CERT])
-    else:
-        opt_study.set_metric_names([VAL_CERT])
+    import warnings
+
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2; the dashboard reads it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        opt_study.set_metric_names([VAL_NAT, VAL_CERT] if s.objective == "pareto" else [VAL_CERT])
     opt_study.set_user_attr("study_file", study.path)
     opt_study.set_user_attr("objective", s.objective)
     if s.published_cert_acc is not None:

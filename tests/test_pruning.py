@@ -111,3 +111,56 @@ def test_reference_is_best_feasible_complete_without_published():
 def test_bad_alpha():
     with pytest.raises(ValueError, match="alpha"):
         PairedPruner(alpha=1.5)
+
+
+# --- the study options around it: sampler, pruner, seed repeats, best trial ------------------
+
+def _study_file(*overrides: str):
+    from pipeline.study import load_study_file
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    return load_study_file(root / "studies/quickstart.toml", list(overrides))
+
+
+def test_study_options_build_gp_sampler_and_paired_pruner():
+    from pipeline.tune import make_pruner, make_sampler
+
+    sf = _study_file("study.sampler=gp", "study.pruner=paired", "study.pruner_alpha=0.01")
+    assert isinstance(make_sampler(sf), optuna.samplers.GPSampler)
+    pruner = make_pruner(sf)
+    assert isinstance(pruner, PairedPruner) and pruner.alpha == 0.01
+    assert isinstance(make_pruner(_study_file("study.pruner=median")),
+                      optuna.pruners.MedianPruner)
+
+
+def test_seed_repeats_queue_published_point_with_k_seeds_and_metric_name():
+    from pipeline.tune import VAL_CERT, create_study
+
+    sf = _study_file("study.seed_repeats=3")
+    study = create_study(sf, optuna.storages.InMemoryStorage())
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs.get("train_seed") for t in queued] == [sf.base.seed + k for k in range(3)]
+    assert all(t.user_attrs["published"] and t.system_attrs["fixed_params"] == sf.published_knobs()
+               for t in queued)
+    assert study.metric_names == [VAL_CERT]
+
+
+def test_best_trial_is_the_one_optuna_and_the_dashboard_mark(monkeypatch):
+    """An infeasible trial with the highest certified accuracy is best nowhere."""
+    from pipeline.tune import CONSTRAINT_ATTR, VAL_CERT, VAL_NAT, best_trial
+
+    floor = 0.5
+    study = optuna.create_study(direction="maximize")
+    for nat, cert in ((0.9, 0.30), (0.4, 0.60), (0.8, 0.35), (0.45, 0.50)):
+        t = study.ask()
+        t.set_user_attr(VAL_NAT, nat)
+        t.set_user_attr(VAL_CERT, cert)
+        t.set_user_attr(CONSTRAINT_ATTR, floor - nat)
+        t.set_constraint("min_nat_acc", floor - nat)
+        # The objective's value rule: infeasible trials are shifted below every feasible one.
+        study.tell(t, cert if nat >= floor else cert - 1.0)
+    ours = best_trial(study, floor)
+    assert ours.number == 2
+    assert study.best_trial.number == ours.number
+    dashboard = study._storage.get_best_trial(study._study_id)  # what optuna-dashboard shows
+    assert dashboard.number == ours.number
