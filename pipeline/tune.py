@@ -633,6 +633,13 @@ def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str) 
         best = best_trial(study, study_file.settings.min_nat_acc)
         print(f"best trial: {best.number} (validation certified accuracy "
               f"{best.user_attrs[VAL_CERT]:.3f}, natural {best.user_attrs[VAL_NAT]:.3f})")
+        cmp = compare_to_published(study, best)
+        if cmp is not None and cmp["published_trial"] != best.number:
+            verdict = "better than" if cmp["better"] else "not significantly better than"
+            print(f"  {verdict} the published point (trial {cmp['published_trial']}): "
+                  f"{100 * cmp['diff']:+.1f} points, 95% CI [{100 * cmp['lo']:+.1f}, "
+                  f"{100 * cmp['hi']:+.1f}], paired exact McNemar p = {cmp['p']:.3g} on "
+                  f"{cmp['n']} validation images")
         print(f"launch it:  python -m pipeline.tune --study {study_file.path} "
               f"--storage {redact(storage_url)} --launch-best")
     except LookupError as err:

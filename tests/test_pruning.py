@@ -164,3 +164,38 @@ def test_best_trial_is_the_one_optuna_and_the_dashboard_mark(monkeypatch):
     assert study.best_trial.number == ours.number
     dashboard = study._storage.get_best_trial(study._study_id)  # what optuna-dashboard shows
     assert dashboard.number == ours.number
+
+
+def test_compare_to_published_calls_better_only_when_significant():
+    from pipeline.tune import VAL_CERT, VAL_NAT, compare_to_published
+
+    study = optuna.create_study(direction="maximize")
+
+    def add(bits: list[bool], published: bool = False) -> optuna.trial.FrozenTrial:
+        t = study.ask()
+        t.set_user_attr("published", published)
+        t.set_user_attr("split_hash", HASH)
+        t.set_user_attr(BITS_ATTR.format(2), pack_bits(bits))
+        t.set_user_attr(VAL_CERT, sum(bits) / len(bits))
+        t.set_user_attr(VAL_NAT, 0.9)
+        study.tell(t, sum(bits) / len(bits))
+        return study.trials[-1]
+
+    ref = [True] * 100 + [False] * 100
+    add(ref, published=True)
+    slightly = list(ref)
+    for i in range(100, 106):
+        slightly[i] = True  # +3 points, 6 vs 0 discordant: p = 0.031 two-sided
+    clearly = list(ref)
+    for i in range(100, 115):
+        clearly[i] = True
+    noisy = list(ref)
+    for i in range(10):
+        noisy[i] = False
+    for i in range(100, 114):
+        noisy[i] = True  # +2 points but 14 vs 10 discordant: not significant
+    a, b, c = add(slightly), add(clearly), add(noisy)
+    assert compare_to_published(study, a)["better"]
+    assert compare_to_published(study, b)["better"]
+    res = compare_to_published(study, c)
+    assert res["diff"] > 0 and not res["better"] and res["p"] > 0.05
