@@ -35,7 +35,8 @@ def main(url: str, min_nat: float = 0.5) -> None:
             b, bn = float("nan"), -1
         rows.setdefault(sampler, []).append(b)
         print(f"| {name} | {sampler} | {seed[1:]} | {len(done)} | {100 * b:.1f} (#{bn}) | "
-              f"{100 * statistics.mean(guided):.1f} | {feasible}/{len(done)} |")
+              f"{100 * statistics.mean(guided) if guided else float('nan'):.1f} | "
+              f"{feasible}/{len(done)} |")
     print()
     print("| sampler | studies | with a feasible trial | best feasible val cert % (0 when "
           "none is feasible): mean | min | max |")
