@@ -33,6 +33,9 @@ LAUNCH_COLUMNS = ("study", "trial", "val_nat_acc", "val_cert_acc", "test_nat_acc
                   "test_cert_acc", "n_test", "results", "checkpoint", "epochs_per_stage")
 CORE_COLUMNS = ("study", "number", "state")
 STAGE_CERT = re.compile(r"^stage(\d+)_cert$")
+# Recorded for reproduction (``pipeline.train --from-trial``), too wide for a table; the budget
+# (``budget.*`` columns) and the validation inputs (``val_inputs.*``) stay.
+BULKY_ATTRS = ("train_config", "certify_val", "certify_test")
 
 
 class AnalysisError(Exception):
@@ -218,9 +221,14 @@ def _trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str
         row[f"stage{step}_cert"] = value
     attrs: dict[str, Any] = {}
     for key, value in trial.user_attrs.items():
-        if key in ("published", "fail_reason"):
-            continue
+        if key in ("published", "fail_reason") or key in BULKY_ATTRS or key.endswith("_bits"):
+            continue  # per-image bits and full configs: read them from the trial itself
         _flatten(f"user_{key}" if key in reserved else key, value, attrs)
+    ci = trial.user_attrs.get("val_cert_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        # The 95% Wilson interval of the validation certified accuracy, on val_n images.
+        attrs["val_cert_lo"], attrs["val_cert_hi"] = _finite(ci[0]), _finite(ci[1])
+        attrs.pop("val_cert_ci", None)
     stage_times = trial.user_attrs.get("stage_time_s")
     if isinstance(stage_times, (list, tuple)):
         for k, t in enumerate(stage_times):
@@ -379,6 +387,8 @@ def load_launches(storage: str | optuna.storages.BaseStorage,
             row: dict[str, Any] = {"study": name}
             for key, value in entry.items():
                 if key == "params" and isinstance(value, dict):
+                    continue
+                if key in BULKY_ATTRS or key.endswith("_bits"):
                     continue
                 _flatten(key, value, row)
             for pname, value in (entry.get("params") or {}).items():

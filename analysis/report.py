@@ -61,6 +61,9 @@ FIGURE_TEXT = {
     "outcomes": "certification status of the test inputs of each launch (stacked counts)",
     "time": "time per test input by the cascade stage that decided it (log scale)",
     "comparison": "natural vs certified accuracy of all compared studies, one colour per study",
+    "fidelity": "trial validation vs launch test certified accuracy, Spearman ρ (analysis.fidelity)",
+    "noise": "validation certified accuracy of each complete trial with its 95% Wilson interval, "
+             "and the published point's seed band",
 }
 
 
@@ -205,6 +208,9 @@ def draw_figures(data: StudyData, folder: Path) -> None:
         for label, results in data.results.items():
             add("time", figures.time_per_input, results, suffix=f"_{slug(label)}",
                 title=f"Time per test input, launch of {label}: {data.group}")
+    from analysis import fidelity
+
+    data.figures += fidelity.draw(t, data.launches, folder, base)
 
 
 def draw_comparison(all_data: list[StudyData], folder: Path) -> str:
@@ -387,6 +393,9 @@ def study_section(data: StudyData) -> list[str]:
             lines.append(f"Note: {msg}.")
     lines.append("")
 
+    from analysis import fidelity
+
+    lines += fidelity.section(t, data.launches, info)
     lines.append("### Figures")
     lines.append("")
     for name, kind in data.figures:

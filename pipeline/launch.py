@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from pipeline.config import to_dict
 from pipeline.study import StudyFile
 from pipeline.train import load_trained_net, train
 from pipeline.tune import VAL_CERT, VAL_NAT, best_trial, open_storage
@@ -53,8 +54,17 @@ def _require_sqlite_file(storage_url: str) -> None:
             raise LookupError(f"no study database at {url.database}; run the tuning first")
 
 
+def launch_seeds(study_file: StudyFile, storage_url: str, trial_number: int | None = None,
+                 device: str | None = None, runs_dir: str | Path = "runs", seeds: int = 1
+                 ) -> list[dict[str, Any]]:
+    """:func:`launch` with training seeds train.seed + 0..seeds-1 (the seed spread of a launch)."""
+    return [launch(study_file, storage_url, trial_number, device, runs_dir, seed_offset=k)
+            for k in range(seeds)]
+
+
 def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = None,
-           device: str | None = None, runs_dir: str | Path = "runs") -> dict[str, Any]:
+           device: str | None = None, runs_dir: str | Path = "runs", seed_offset: int = 0
+           ) -> dict[str, Any]:
     _require_sqlite_file(storage_url)
     from pipeline.certify.cli import certify_dataset
 
@@ -68,7 +78,10 @@ def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = N
     cfg = study_file.launch_config(trial.params)
     if device:
         cfg = dataclasses.replace(cfg, device=device)
-    run_dir = Path(runs_dir).resolve() / study_file.settings.name / f"launch_trial{trial.number}"
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + seed_offset)
+    suffix = f"_seed{cfg.seed}" if seed_offset else ""
+    run_dir = (Path(runs_dir).resolve() / study_file.settings.name
+               / f"launch_trial{trial.number}{suffix}")
     log.info("launching trial %d in %s", trial.number, run_dir)
     train(cfg, run_dir, full_train_set=True)
     net, _ = load_trained_net(run_dir / "last.pt")
@@ -86,7 +99,28 @@ def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = N
         "checkpoint": str(run_dir / "last.pt"),
         "epochs_per_stage": cfg.epochs_per_stage,
         "params": trial.params,
+        "seed": cfg.seed,
+        # Reproducible from the database: the resolved configs of this launch.
+        "train_config": to_dict(cfg),
+        "certify_test": to_dict(study_file.certify_test),
+        "budget": {"epochs_per_stage": cfg.epochs_per_stage, "stages": cfg.num_stages,
+                   "epochs": cfg.epochs_per_stage * cfg.num_stages},
+        # Per-image certified outcomes on the test images (in index order) for paired
+        # comparisons of two launches (pipeline.stats.paired_difference).
+        "test_cert_bits": _cert_bits(results),
     }
-    launches = [e for e in study.user_attrs.get("launches", []) if e.get("trial") != trial.number]
+    launches = [e for e in study.user_attrs.get("launches", [])
+                if (e.get("trial"), e.get("seed", cfg.seed - seed_offset))
+                != (trial.number, cfg.seed)]
     study.set_user_attr("launches", launches + [entry])
     return entry
+
+
+def _cert_bits(results: Path) -> dict[str, Any]:
+    from pipeline.certify.cli import read_results
+    from pipeline.stats import pack_bits
+
+    rows = read_results(results)
+    order = sorted(rows)
+    packed = pack_bits([rows[i].get("status") == "certified" for i in order])
+    return {**packed, "first_index": order[0] if order else 0}

@@ -32,8 +32,8 @@ from pipeline.config import (
     read_toml,
 )
 
-SAMPLERS = ("tpe", "random", "nsga2")
-PRUNERS = ("median", "hyperband", "successive_halving", "none")
+SAMPLERS = ("tpe", "gp", "random", "nsga2")
+PRUNERS = ("paired", "median", "hyperband", "successive_halving", "none")
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,14 @@ class StudySettings:
 
     name: str
     n_trials: int = 20
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
-    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    sampler: Literal["tpe", "gp", "random", "nsga2"] = "tpe"
+    # "paired": prune only when this trial's per-image certified outcomes at a stage are
+    # significantly worse (exact one-sided McNemar at pruner_alpha) than the reference trial's on
+    # the same validation images (pipeline/pruning.py); "median": Optuna's MedianPruner.
+    pruner: Literal["paired", "median", "hyperband", "successive_halving", "none"] = "paired"
+    pruner_alpha: float = 0.05
+    # The paired pruner never acts on fewer validation images than this.
+    pruner_min_images: int = 100
     # Pruning is never done before this many stages have reported.
     pruner_warmup_stages: int = 1
     pruner_startup_trials: int = 2
@@ -94,7 +100,12 @@ class StudySettings:
     # Constraint for objective "cert": trials below this validation natural accuracy are infeasible.
     min_nat_acc: float = 0.0
     enqueue_published: bool = True
+    # The published point is queued this many times, with training seeds train.seed + 0..k-1, so
+    # the analysis can draw the seed band the other trials are compared against.
+    seed_repeats: int = 1
     seed: int = 0
+    # Random trials before TPE / GP model the results (the published point counts as one).
+    sampler_startup_trials: int = 5
     heartbeat_interval_s: int = 60
     grace_period_s: int = 180
     max_retry: int = 3

@@ -1,6 +1,7 @@
 """COLT's staged trainer: one loop over stages, schedules as pure functions, resumable checkpoints.
 
     python -m pipeline.train --config studies/quickstart.toml --out runs/quick [--set key=value ...]
+    python -m pipeline.train --from-trial sqlite:///runs/optuna.db 7 --out runs/trial7_again
 
 Stage j trains on latent layer ``latent_layers[j]``: the prefix up to it is frozen, a latent
 adversarial example is found inside its DeepZ region by PGD on the noise coefficients, and the
@@ -336,10 +337,59 @@ def load_trained_net(path: str | Path, device: str | torch.device = "cpu") -> tu
     return net.to(device), cfg
 
 
+def trial_config_from_storage(url: str, number: str | int, study_name: str | None = None,
+                              overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The resolved TrainConfig a tuning trial recorded (user attribute ``train_config``), with
+    ``key=value`` overrides (e.g. ``device=cpu``). Any problem is one ConfigError."""
+    import warnings
+
+    import optuna
+
+    from pipeline.config import apply_overrides
+
+    try:
+        number = int(number)
+    except ValueError:
+        raise ConfigError(f"--from-trial: trial number {number!r} is not an integer") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = optuna.get_all_study_names(storage=url)
+    except Exception as err:  # noqa: BLE001 - sqlalchemy / driver errors come in many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--from-trial: storage cannot be read: {first[:200]}") from None
+    if study_name is None:
+        if len(names) != 1:
+            raise ConfigError(f"--from-trial: the storage holds {len(names)} studies "
+                              f"({', '.join(names) or 'none'}); choose one with --study-name")
+        study_name = names[0]
+    if study_name not in names:
+        raise ConfigError(f"--from-trial: no study {study_name!r}; studies: {', '.join(names)}")
+    study = optuna.load_study(study_name=study_name, storage=url)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise ConfigError(f"--from-trial: study {study_name!r} has no trial {number}")
+    recorded = trials[number].user_attrs.get("train_config")
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"--from-trial: trial {number} of {study_name!r} has no recorded "
+                          "train_config (tuned before configs were recorded)")
+    try:
+        return from_dict(TrainConfig, apply_overrides(recorded, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"--from-trial: trial {number}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="TOML file with a [train] table")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="TOML file with a [train] table")
+    source.add_argument("--from-trial", nargs=2, metavar=("URL", "NUMBER"),
+                        help="re-run a tuning trial from its study database alone (its recorded "
+                             "train_config; the validation split is held out as in the trial)")
+    parser.add_argument("--study-name", help="with --from-trial: the study (if the storage "
+                                             "holds several)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--out", required=True, help="run folder (resumed if it has last.pt)")
@@ -353,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = args.overrides + ([f"device={args.device}"] if args.device else [])
-        cfg = load_train_config(args.config, overrides)
+        if args.from_trial:
+            cfg = trial_config_from_storage(args.from_trial[0], args.from_trial[1],
+                                            args.study_name, overrides)
+        else:
+            cfg = load_train_config(args.config, overrides)
         metrics = train(cfg, args.out, full_train_set=args.full_train_set)
     except (ConfigError, CheckpointError, DatasetUnavailable, DivergedError) as err:
         print(f"error: {err}", file=sys.stderr)

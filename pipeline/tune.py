@@ -253,7 +253,12 @@ def make_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=5)
+    if s.sampler == "gp":
+        # Gaussian-process BO; like TPE it reads the constraint set by the objective
+        # (trial.set_constraint), so infeasible trials steer it away.
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.sampler_startup_trials,
+                                         warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.sampler_startup_trials)
 
 
 def make_pruner(study: StudyFile) -> optuna.pruners.BasePruner:
@@ -265,6 +270,11 @@ def make_pruner(study: StudyFile) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_stages)
     if s.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    if s.pruner == "paired":
+        from pipeline.pruning import PairedPruner
+
+        return PairedPruner(alpha=s.pruner_alpha, min_images=s.pruner_min_images,
+                            warmup_stages=s.pruner_warmup_stages)
     return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
                                        n_warmup_steps=s.pruner_warmup_stages - 1)
 
@@ -283,9 +293,18 @@ def create_study(study: StudyFile, storage: optuna.storages.BaseStorage) -> optu
             raise StorageError(f"study {s.name!r}: {err}") from None
         if s.enqueue_published and study.search and not opt_study.trials:
             # The search starts from the published hyperparameters, so it can only improve on
-            # them.
-            opt_study.enqueue_trial(study.published_knobs(), user_attrs={"published": True},
-                                    skip_if_exists=True)
+            # them; with seed_repeats = k the published point is trained with k seeds (the
+            # seed band). Queued under the lock into an empty study, so exactly once.
+            for repeat in range(s.seed_repeats):
+                attrs: dict[str, Any] = {"published": True}
+                if s.seed_repeats > 1:
+                    attrs.update(seed_repeat=repeat, train_seed=study.base.seed + repeat)
+                opt_study.enqueue_trial(study.published_knobs(), user_attrs=attrs)
+    import warnings
+
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2; the dashboard reads it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        opt_study.set_metric_names([VAL_NAT, VAL_CERT] if s.objective == "pareto" else [VAL_CERT])
     opt_study.set_user_attr("study_file", study.path)
     opt_study.set_user_attr("objective", s.objective)
     if s.published_cert_acc is not None:
@@ -371,6 +390,10 @@ class Objective:
         cfg = study.trial_config(knobs)
         if self.device:
             cfg = _replace_device(cfg, self.device)
+        if trial.user_attrs.get("train_seed") is not None:  # a seed repeat of the published point
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, seed=int(trial.user_attrs["train_seed"]))
         number = original_trial_number(trial.study, trial)
         run_dir = self.runs_dir / study.settings.name / f"trial_{number}"
         device = resolve_device(cfg.device)
@@ -385,6 +408,7 @@ class Objective:
             trial.set_user_attr("split_seed", loaders.split.seed)
             trial.set_user_attr("split_hash", loaders.split.hash)
             trial.set_user_attr("n_valid", loaders.split.n_valid)
+        self._record_config(trial, cfg, loaders)
         stage_times: list[float] = []
         stage_start = [time.perf_counter()]
         scores: dict[str, float] = {}
@@ -393,7 +417,16 @@ class Objective:
             if not report.stage_end:
                 return
             stage_times.append(time.perf_counter() - stage_start[0])
-            scores.update(score(report.net, loaders.valid, cfg, study))
+            # Scoring must not move the training RNGs: the trial's weights are then those of
+            # an unscored run of the same config (``pipeline.train --from-trial``).
+            from pipeline.checkpoint import rng_state, set_rng_state
+
+            rng = rng_state()
+            try:
+                scores.update(self._scored(trial, report.stage,
+                                           score(report.net, loaders.valid, cfg, study)))
+            finally:
+                set_rng_state(rng)
             log.info("stage %d scored: %s", report.stage, score_text(scores))
             report.net.train()
             trial.set_user_attr("stage_time_s", stage_times)
@@ -417,11 +450,15 @@ class Objective:
             from pipeline.train import load_trained_net
 
             net, _ = load_trained_net(run_dir / "last.pt", device)
-            scores = score(net, loaders.valid, cfg, study)
+            scores = self._scored(trial, cfg.num_stages - 1,
+                                  score(net, loaders.valid, cfg, study))
         nat, pgd, cert = scores["nat_acc"], scores["pgd_acc"], scores["cert_acc"]
         trial.set_user_attr(VAL_NAT, nat)
         trial.set_user_attr(VAL_PGD, pgd)
         trial.set_user_attr(VAL_CERT, cert)
+        # The uncertainty of the score: n images and the 95% Wilson interval.
+        trial.set_user_attr("val_n", scores.get("n"))
+        trial.set_user_attr("val_cert_ci", [scores.get("cert_lo"), scores.get("cert_hi")])
         # <= 0 is feasible: validation natural accuracy at or above the study's floor.
         trial.set_user_attr(CONSTRAINT_ATTR, study.settings.min_nat_acc - nat)
         trial.set_constraint("min_nat_acc", study.settings.min_nat_acc - nat)
@@ -431,7 +468,52 @@ class Objective:
                                              study_or_trial=trial)
         if study.settings.objective == "pareto":
             return nat, cert
+        if nat < study.settings.min_nat_acc:
+            # optuna-dashboard marks "Best Trial" by value alone (storage.get_best_trial, no
+            # constraints): an infeasible trial's value is its score minus 1, below every
+            # feasible one, so the dashboard, study.best_trial and best_trial() name the same
+            # trial. The true score stays in the user attribute val_cert_acc.
+            return cert - 1.0
         return cert
+
+    def _record_config(self, trial: optuna.Trial, cfg: TrainConfig, loaders: Any) -> None:
+        """The fully resolved configs (study file + [trial] + --set + sampled knobs + seed) and
+        the exact validation inputs: enough to re-run the trial from the database alone
+        (``python -m pipeline.train --from-trial URL NUMBER``)."""
+        from pipeline.config import to_dict
+
+        c = self.study.certify_val
+        split = loaders.split
+        n_split = split.n_valid if split is not None else 0
+        n_scored = min(c.n_inputs, n_split) if c.n_inputs else n_split
+        trial.set_user_attr("train_config", to_dict(cfg))
+        trial.set_user_attr("certify_val", to_dict(c))
+        trial.set_user_attr("val_inputs", {
+            "split_seed": split.seed if split is not None else None,
+            "split_hash": split.hash if split is not None else None,
+            "n_valid": n_split, "n_scored": n_scored,
+            "subset": f"the first {n_scored} of the split's validation indices, in split order"})
+        trial.set_user_attr("budget", {
+            "epochs_per_stage": cfg.epochs_per_stage, "stages": cfg.num_stages,
+            "epochs": cfg.epochs_per_stage * cfg.num_stages, "mix_epochs": cfg.mix_epochs,
+            "n_train": len(loaders.train.dataset), "n_val_scored": n_scored})
+
+    @staticmethod
+    def _scored(trial: optuna.Trial, stage: int, result: dict[str, Any]) -> dict[str, Any]:
+        """JSON-safe scores with their 95% intervals; the per-image certified outcomes go to the
+        user attribute ``stage<k>_cert_bits`` (for paired comparisons and the paired pruner)."""
+        from pipeline.pruning import BITS_ATTR
+        from pipeline.stats import pack_bits, wilson_interval
+
+        per_image = result.get("per_image")
+        out = {k: v for k, v in result.items() if k != "per_image"}
+        n = int(out.get("n", 0))
+        for key in ("nat", "cert"):
+            if key in out and n:
+                out[f"{key}_lo"], out[f"{key}_hi"] = wilson_interval(int(out[key]), n)
+        if per_image is not None:
+            trial.set_user_attr(BITS_ATTR.format(stage), pack_bits(per_image["cert"].tolist()))
+        return out
 
 
 def _replace_device(cfg: TrainConfig, device: str) -> TrainConfig:
@@ -441,14 +523,53 @@ def _replace_device(cfg: TrainConfig, device: str) -> TrainConfig:
 
 
 def best_trial(study: optuna.Study, min_nat_acc: float) -> optuna.trial.FrozenTrial:
-    """Highest validation certified accuracy among complete trials meeting the natural floor."""
+    """Highest validation certified accuracy among complete feasible trials: the one Optuna's
+    ``study.best_trial`` and the dashboard name too (infeasible trials' values are shifted
+    below every feasible one by the objective); exact ties may be broken differently there.
+
+    Feasible: every constraint set with ``trial.set_constraint`` is <= 0 (Optuna's rule) and the
+    validation natural accuracy is at or above ``min_nat_acc``. Whether the best is *better*
+    than the published point is a separate, paired question: :func:`compare_to_published`.
+    """
     complete = [t for t in study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.COMPLETE]
-    feasible = [t for t in complete if t.user_attrs.get(VAL_NAT, 0.0) >= min_nat_acc]
+                if t.state == optuna.trial.TrialState.COMPLETE and VAL_CERT in t.user_attrs]
+    feasible = [t for t in complete if t.user_attrs.get(VAL_NAT, 0.0) >= min_nat_acc
+                and all(v <= 0 for v in t.constraints.values())]
     if not feasible:
         raise LookupError(f"study {study.study_name!r} has no complete trial with validation "
                           f"natural accuracy >= {min_nat_acc}")
-    return max(feasible, key=lambda t: (t.user_attrs[VAL_CERT], t.user_attrs[VAL_NAT]))
+    # Ties: higher natural accuracy, then the earlier trial (as analysis.report.best_trial).
+    return max(feasible, key=lambda t: (t.user_attrs[VAL_CERT], t.user_attrs.get(VAL_NAT, 0.0),
+                                        -t.number))
+
+
+def compare_to_published(study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                         alpha: float = 0.05) -> dict[str, Any] | None:
+    """Paired comparison of ``trial``'s final per-image certified outcomes with the published
+    point's (the complete published trial with the highest score) on the same validation
+    images: the difference with its 95% interval, the two-sided exact McNemar p-value and
+    ``better`` (True only when the difference is positive and p < alpha). None when there is no
+    complete published trial with per-image outcomes on the same images."""
+    from pipeline.pruning import BITS_ATTR, stage_bits
+    from pipeline.stats import paired_difference
+
+    published = [t for t in study.get_trials(deepcopy=False)
+                 if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("published")
+                 and VAL_CERT in t.user_attrs]
+    stages = [int(k[5:-10]) for k in trial.user_attrs if k.startswith("stage")
+              and k.endswith("_cert_bits")]
+    if not published or not stages:
+        return None
+    ref = max(published, key=lambda t: (t.user_attrs[VAL_CERT], -t.number))
+    last = max(stages)
+    mine, theirs = stage_bits(trial, last), stage_bits(ref, last)
+    if (BITS_ATTR.format(last) not in ref.user_attrs or mine is None or theirs is None
+            or len(mine) != len(theirs)
+            or trial.user_attrs.get("split_hash") != ref.user_attrs.get("split_hash")):
+        return None
+    d = paired_difference(mine, theirs)
+    return {**d, "published_trial": ref.number, "trial": trial.number,
+            "better": bool(d["diff"] > 0 and d["p"] < alpha)}
 
 
 def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = None,
@@ -805,6 +926,13 @@ def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str,
         best = best_trial(study, floor)
         print(f"best trial: {best.number} (validation certified accuracy "
               f"{best.user_attrs[VAL_CERT]:.3f}, natural {best.user_attrs[VAL_NAT]:.3f})")
+        cmp = compare_to_published(study, best)
+        if cmp is not None and cmp["published_trial"] != best.number:
+            verdict = "better than" if cmp["better"] else "not significantly better than"
+            print(f"  {verdict} the published point (trial {cmp['published_trial']}): "
+                  f"{100 * cmp['diff']:+.1f} points, 95% CI [{100 * cmp['lo']:+.1f}, "
+                  f"{100 * cmp['hi']:+.1f}], paired exact McNemar p = {cmp['p']:.3g} on "
+                  f"{cmp['n']} validation images")
         print("launch it:  " + tune_command(study_file, storage_url, list(overrides),
                                             "--launch-best"))
     except LookupError:
@@ -896,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the best trial with the launch schedule and certify the test set")
     parser.add_argument("--trial", type=int, help="with --launch-best: launch this trial instead")
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="with --launch-best: train with seeds train.seed+0..K-1 (default 1)")
     args = parser.parse_args(argv)
     setup_logging()
     import warnings
@@ -914,11 +1044,15 @@ def main(argv: list[str] | None = None) -> int:
         validate_layers_of(study_file)  # before anything touches the storage
         check_data(study_file, ("train", "test") if args.launch_best else ("train",))
         if args.launch_best:
-            from pipeline.launch import launch
+            from pipeline.launch import launch_seeds
 
-            result = launch(study_file, args.storage, trial_number=args.trial, device=args.device,
-                            runs_dir=args.runs_dir)
-            print_launch(result, study_file.settings.name)
+            if args.seeds < 1:
+                print("error: --seeds must be >= 1", file=sys.stderr)
+                return 2
+            for result in launch_seeds(study_file, args.storage, trial_number=args.trial,
+                                       device=args.device, runs_dir=args.runs_dir,
+                                       seeds=args.seeds):
+                print_launch(result, study_file.settings.name)
             return 0
         study = run_tuning(study_file, args.storage, args.n_trials, args.timeout, args.device,
                            args.runs_dir)

@@ -544,7 +544,8 @@ def test_cli_report(launched_db: dict, tmp_path: Path, capsys: pytest.CaptureFix
     assert list(launches["trial"]) == [e["trial"] for e in launched_db["entries"]]
     linked = [line.split("](")[1].split(")")[0] for line in report.splitlines()
               if line.startswith("- [") and ".png](" in line]
-    kinds = {"history", "knobs", "importance", "pareto", "stages", "outcomes", "time"}
+    kinds = {"history", "knobs", "importance", "pareto", "stages", "outcomes", "time", "fidelity",
+             "noise"}
     assert {name.split("_")[1].split(".")[0] for name in linked} == kinds
     for name in linked:
         assert (out / name).stat().st_size > 5_000

@@ -909,14 +909,19 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
     certifier = Certifier(net, cfg, device)
     t0 = time.perf_counter()
     counts = {"n": 0, "nat": 0, "pgd": 0, "cert": 0}
+    per_image: dict[str, list[Tensor]] = {"nat": [], "pgd": [], "cert": []}
     for x, y in _batches(data, batch_size, max_inputs):
         out = certifier.batch(x, y, eps)
         counts["n"] += len(y)
         for k in ("nat", "pgd", "cert"):
             counts[k] += int(out[k].sum())
+            per_image[k].append(out[k])
     n = max(counts["n"], 1)
+    # per_image: (n,) bool tensors in input order, for paired comparisons of two nets.
     return {**counts, "nat_acc": counts["nat"] / n, "pgd_acc": counts["pgd"] / n,
-            "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0}
+            "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0,
+            "per_image": {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool)
+                          for k, v in per_image.items()}}
 
 
 def _batches(data: Any, batch_size: int, max_inputs: int | None
