@@ -819,6 +819,7 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
     ``data``: a DataLoader / iterable of (x, y) batches, an (images, labels) pair of tensors or an
     indexable data set of (image, label). Stages: clean, the full attack of ``cfg`` (batched),
     zonotope, slopes and (if ``cfg.milp``) the per-label MILP with ``timeout_per_input_s`` each.
+    ``per_image``: {"nat", "pgd", "cert"} -> lists of n bools, one per input in order (JSON-ready).
     """
     cfg = cfg or CertifyConfig()
     if not eps >= 0:
@@ -827,14 +828,20 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
     certifier = Certifier(net, cfg, device)
     t0 = time.perf_counter()
     counts = {"n": 0, "nat": 0, "pgd": 0, "cert": 0}
+    per_image: dict[str, list[Tensor]] = {"nat": [], "pgd": [], "cert": []}
     for x, y in _batches(data, batch_size, max_inputs):
         out = certifier.batch(x, y, eps)
         counts["n"] += len(y)
         for k in ("nat", "pgd", "cert"):
             counts[k] += int(out[k].sum())
+            per_image[k].append(out[k].cpu())
     n = max(counts["n"], 1)
+    # Per-image outcomes, in input order, for paired comparisons of trials on the same images.
+    # Plain lists of bools: the scores dict is stored as JSON (Optuna user attributes).
+    per = {k: [bool(b) for t in v for b in t.tolist()] for k, v in per_image.items()}
     return {**counts, "nat_acc": counts["nat"] / n, "pgd_acc": counts["pgd"] / n,
-            "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0}
+            "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0,
+            "per_image": per}
 
 
 def _batches(data: Any, batch_size: int, max_inputs: int | None
