@@ -183,7 +183,10 @@ class CertifyConfig:
     max_binary_total: int = 100
     timeout_per_input_s: float = 60.0
     solver: Literal["highs", "gurobi", "auto"] = "highs"
-    # A lower bound certifies only when it exceeds this outward tolerance (float64 bounds).
+    # A lower bound certifies only when it exceeds the bound on the floating-point error of that
+    # input's computation (pipeline.certify.fp_error, derived per input and margin row). A bound
+    # an LP/MILP solver reports holds up to its tolerances: it must clear that error bound by
+    # this much more (zonotope bounds need nothing more).
     margin_tolerance: float = 1e-6
     n_inputs: int = 0  # 0 = all inputs of the split
     seed: int = 0

@@ -18,18 +18,27 @@ from pipeline.nets import Net
 NAT_ACC, PGD_ACC, CERT_ACC = "nat_acc", "pgd_acc", "cert_acc"
 
 
-def zonotope_certified(net: Net, x: Tensor, y: Tensor, eps: float, tolerance: float = 1e-6
-                       ) -> Tensor:
-    """(B,) bool: DeepZ proves every margin positive, computed in float64 (sound up to
-    ``tolerance``); non-finite inputs, weights or bounds are never certified."""
+def zonotope_certified(net: Net, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """(B,) bool: DeepZ proves every margin positive, computed in float64: each margin's lower
+    bound must exceed the bound on the floating-point error of that input's computation (the
+    network's run in its own precision and the float64 bound itself, pipeline.certify.fp_error);
+    a tie is never certified; non-finite inputs, weights or bounds are never certified."""
+    from pipeline.certify import fp_error
+    from pipeline.domains.zonotope import input_box
+
     net64 = _float64(net)
     x64 = x.to(torch.float64)
+    lower, upper = input_box(x64, eps)
     with torch.no_grad():
-        out = net64.propagate(Zonotope.from_eps(x64, eps)).element
+        prop = net64.propagate(Zonotope.from_bounds(lower, upper))
+        out = prop.element
         margin = out.margin_lower(y)
+        err = fp_error.output_error(net64, lower, upper, prop.pre_bounds,
+                                    fp_error.model_precision(net))
+        tau = fp_error.robustness_threshold(err, y)
     margin.scatter_(1, y.view(-1, 1), float("inf"))
     finite = torch.isfinite(out.center).flatten(1).all(1) & torch.isfinite(x64).flatten(1).all(1)
-    return (margin > tolerance).all(1) & finite
+    return (margin > tau).all(1) & finite
 
 
 def _float64(net: Net) -> Net:

@@ -12,10 +12,16 @@ Every block is a ``torch.nn.Module`` with:
 Affine blocks (Normalize, Conv2d, Linear, Flatten) share one implementation of the last two through
 ``linear`` (the map without bias), ``abs_linear`` (its absolute value) and ``matrix`` (a sparse
 matrix of the map, for MILP/LP encodings). New layer types are added here and in ``LAYER_TYPES``.
+
+Every block also has ``fp_error(err, mag, u, extra=0)``: a bound on |fl(y) - y| of its output when
+it runs in a precision of unit roundoff ``u`` on an input that is already off by at most ``err``
+from the exact one whose magnitude is at most ``mag`` (elementwise, batched like the input).
+:mod:`pipeline.certify.fp_error` chains these rules through a network.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,16 +31,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def gamma(n: int | float, u: float) -> float:
+    """Higham's γ_n = n u / (1 - n u): |fl(Σ_i^n a_i b_i) - Σ a_i b_i| <= γ_n Σ |a_i b_i| for any
+    summation order (fused multiply-adds included)."""
+    if n * u >= 0.5:
+        return math.inf
+    return n * u / (1 - n * u)
+
+
 class AffineBlock(nn.Module):
     """Base of the affine blocks: y = linear(x) + bias."""
 
     is_relu = False
+    # Roundings per output beyond the fan-in's products and sums: the bias add, and an ONNX
+    # Gemm's alpha/beta scaling or a separate Add that the importer folded into the weights.
+    FP_EXTRA_OPS = 3
 
-    def linear(self, x: Tensor) -> Tensor:
+    def fan_in(self) -> int:
+        """Products summed per output coordinate (an upper bound)."""
         raise NotImplementedError
 
-    def abs_linear(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    def abs_bias(self, like: Tensor) -> Tensor:
+        bias = getattr(self, "bias", None)
+        if bias is None:
+            return torch.zeros((), dtype=like.dtype, device=like.device)
+        b = bias.detach().abs().to(like.dtype)
+        return b.view(-1, 1, 1) if like.dim() == 4 else b
+
+    def count_linear(self, mask: Tensor) -> Tensor:
+        """Per output, how many of its products have a non-zero weight and an input in
+        ``mask`` (the default: every product, the fan-in)."""
+        return torch.full_like(self.linear(mask), float(self.fan_in()))
+
+    def fp_error(self, err: Tensor, mag: Tensor, u: float, extra: int = 0,
+                 upper: Tensor | None = None) -> Tensor:
+        """|W| err + γ_{n+k} (|W| (mag + err) + |b|) + n η: the input's error carried through the
+        exact map, plus the rounding of this output's n non-zero products (a product with an
+        exact zero, e.g. a dead ReLU's output or a zero weight, is exact, and adding it is too)
+        and k further operations, on the computed input (magnitude at most mag + err); η bounds
+        an underflow's absolute error per operation."""
+        nonzero = ((mag + err) > 0).to(err.dtype)
+        n = self.count_linear(nonzero) + self.FP_EXTRA_OPS + extra
+        g = n * u / (1 - n * u).clamp_min(0.5)
+        g = torch.where(n * u < 0.5, g, torch.full_like(g, math.inf))
+        out = self.abs_linear(err) + g * (self.abs_linear(mag + err) + self.abs_bias(err))
+        return out + n * _underflow(u)
 
     def abstract(self, element: Any, slope: Tensor | None = None,
                  bounds: tuple[Tensor, Tensor] | None = None) -> tuple[Any, None, None]:
@@ -67,6 +108,11 @@ class AffineBlock(nn.Module):
         return out
 
 
+def _underflow(u: float) -> float:
+    """Twice the smallest normal number of the precision with unit roundoff ``u``."""
+    return 2.0 ** -125 if u > 2.0 ** -30 else 2.0 ** -1021
+
+
 def _retyped(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``module`` in ``dtype`` (parameters and buffers), leaving the original alone."""
     import copy
@@ -77,10 +123,22 @@ def _retyped(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 class Normalize(AffineBlock):
     """(x - mean) / std per channel; COLT's first block, so ε lives in [0,1] pixel space."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...],
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=dtype).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=dtype).view(-1, 1, 1))
+
+    def fp_error(self, err: Tensor, mag: Tensor, u: float, extra: int = 0,
+                 upper: Tensor | None = None) -> Tensor:
+        """(x - mean) / std: a subtraction and a division (or a multiplication by 1/std, as an
+        ONNX graph may hold it: one more rounding), each exact up to a factor (1 + u)."""
+        g = gamma(3 + extra, u)
+        mean, std = self._shaped(self.mean, err).abs(), self._shaped(self.std, err).abs()
+        return err / std + g * (mag + err + mean) / std + 3 * _underflow(u)
+
+    def abs_bias(self, like: Tensor) -> Tensor:
+        return (self._shaped(self.mean, like) / self._shaped(self.std, like)).abs()
 
     def _shaped(self, t: Tensor, x: Tensor) -> Tensor:
         return t.to(x.dtype) if x.dim() == 4 else t.to(x.dtype).view(-1)
@@ -103,6 +161,13 @@ class Normalize(AffineBlock):
 
 
 class Conv2d(nn.Conv2d, AffineBlock):
+    def fan_in(self) -> int:
+        return int(self.in_channels // self.groups * np.prod(self.kernel_size))
+
+    def count_linear(self, mask: Tensor) -> Tensor:
+        nz = (self.weight != 0).to(mask.dtype)
+        return F.conv2d(mask, nz, None, self.stride, self.padding)
+
     def linear(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding)
 
@@ -115,6 +180,12 @@ class Conv2d(nn.Conv2d, AffineBlock):
 
 
 class Linear(nn.Linear, AffineBlock):
+    def fan_in(self) -> int:
+        return int(self.in_features)
+
+    def count_linear(self, mask: Tensor) -> Tensor:
+        return F.linear(mask, (self.weight != 0).to(mask.dtype))
+
     def linear(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype))
 
@@ -141,6 +212,10 @@ class Flatten(AffineBlock):
     linear = forward
     abs_linear = forward
 
+    def fp_error(self, err: Tensor, mag: Tensor, u: float, extra: int = 0,
+                 upper: Tensor | None = None) -> Tensor:
+        return self.forward(err)  # a reshape: exact
+
     def milp(self, problem: Any, columns: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
         return columns  # a reshape: the same variables
 
@@ -152,6 +227,15 @@ class ReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(x)
+
+    def fp_error(self, err: Tensor, mag: Tensor, u: float, extra: int = 0,
+                 upper: Tensor | None = None) -> Tensor:
+        """Exact in floating point and 1-Lipschitz: |relu(a) - relu(b)| <= min(|a - b|,
+        max(relu(a), relu(b))), so the input's error, and none where the input (computed or
+        exact, below ``upper`` + err) cannot be positive."""
+        if upper is None:
+            return err
+        return torch.minimum(err, (upper + err).clamp_min(0))
 
     def abstract(self, element: Any, slope: Tensor | None = None,
                  bounds: tuple[Tensor, Tensor] | None = None) -> tuple[Any, Any, Any]:

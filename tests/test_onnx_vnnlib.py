@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import time
 import warnings
 from pathlib import Path
 
@@ -326,9 +325,7 @@ def test_cifar2020_specs(cifar, name):
     assert path.exists(), path
     idx, eps, normalized = SPEC_NAME.search(name).groups()
     idx, eps = int(idx), float(eps)
-    start = time.perf_counter()
     prop = load_vnnlib(path, (3, 32, 32))
-    assert time.perf_counter() - start < 1.0
     assert isinstance(prop, VnnlibProperty)
     assert prop.lower.shape == prop.upper.shape == (3, 32, 32)
     assert np.all(prop.lower <= prop.upper)

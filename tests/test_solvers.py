@@ -34,10 +34,13 @@ INF = np.inf
 # ---------------------------------------------------------------------------------------
 
 
-def lp_two_vars() -> tuple[MilpProblem, float]:
-    """min -x - y  s.t. x + 2y <= 4, 3x + y <= 6, x, y >= 0  ->  x=1.6, y=1.2, opt -2.8."""
+def lp_two_vars(upper: float = 10.0) -> tuple[MilpProblem, float]:
+    """min -x - y  s.t. x + 2y <= 4, 3x + y <= 6, 0 <= x, y <= upper  ->  x=1.6, y=1.2,
+    opt -2.8. (The bound of an LP is proved from its duals: a column without a finite bound
+    needs a reduced cost of provable sign, which floating-point duals rarely give at a basic
+    column, so the certifier's LPs bound every column; ``upper=inf`` shows what happens.)"""
     p = MilpProblem()
-    x = p.add_variables(np.zeros(2), np.full(2, INF))
+    x = p.add_variables(np.zeros(2), np.full(2, upper))
     p.add_rows(sp.csr_matrix([[1.0, 2.0], [3.0, 1.0]]), x, np.full(2, -INF), np.array([4.0, 6.0]))
     p.set_objective(x, np.array([-1.0, -1.0]))
     return p, -2.8
@@ -425,3 +428,114 @@ def test_highs_thread_count_can_change():
     for threads in (2, 1, 2):
         res = solve(problem, solver="highs", threads=threads)
         assert res.status == "optimal" and res.value == pytest.approx(optimum)
+
+
+# ---------------------------------------------------------------------------------------
+# LP bounds come from the dual solution, never from the primal objective
+# ---------------------------------------------------------------------------------------
+
+
+def small_lp(seed: int) -> tuple[MilpProblem, float]:
+    """min c·x over x in [-1, 1]^3 and 3 random rows a·x <= 1 (the box's origin is feasible),
+    with its optimum from the vertices (every choice of 3 active constraints)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(3, 3))
+    c = rng.normal(size=3)
+    p = MilpProblem()
+    x = p.add_variables(-np.ones(3), np.ones(3))
+    p.add_rows(sp.csr_matrix(a), x, np.full(3, -INF), np.ones(3))
+    p.set_objective(x, c, 0.25)
+    planes = [(a[i], 1.0) for i in range(3)] + [(s * np.eye(3)[j], 1.0) for j in range(3)
+                                                 for s in (1.0, -1.0)]
+    best = math.inf
+    for trio in itertools.combinations(planes, 3):
+        m = np.array([t[0] for t in trio])
+        if abs(np.linalg.det(m)) < 1e-9:
+            continue
+        v = np.linalg.solve(m, np.array([t[1] for t in trio]))
+        if np.all(np.abs(v) <= 1 + 1e-9) and np.all(a @ v <= 1 + 1e-9):
+            best = min(best, float(c @ v) + 0.25)
+    return p, best
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_lp_bound_matches_brute_force(backend, seed):
+    p, optimum = small_lp(seed)
+    full = solve(p, solver=backend)
+    assert full.status == "optimal"
+    assert optimum - 1e-9 <= full.bound <= optimum
+    assert full.value == pytest.approx(optimum, abs=1e-9)
+
+
+def boxed_random_lp(seed: int, n: int = 30, m: int = 40) -> MilpProblem:
+    rng = np.random.default_rng(seed)
+    p = MilpProblem()
+    x = p.add_variables(-np.ones(n), np.ones(n))
+    p.add_rows(sp.csr_matrix(rng.normal(size=(m, n))), x, np.full(m, -INF),
+               rng.uniform(1, 2, m))
+    p.set_objective(x, rng.normal(size=n), 0.5)
+    return p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(3))
+def test_lp_bound_is_proved_by_the_duals_even_when_stopped_early(backend, seed):
+    """Stopped by an iteration limit the solver's point is no optimum (a primal objective read
+    as the bound would be unsound): the reported bound is the one its duals prove, below the
+    objective of every feasible point at every limit, and it meets the optimum at the end."""
+    p = boxed_random_lp(seed)
+    full = solve(p, solver=backend)
+    assert full.status == "optimal"
+    assert full.bound <= full.value and full.bound == pytest.approx(full.value, abs=1e-9)
+    stopped = 0
+    for limit in (0, 1, 2, 5, 10):
+        res = solve(p, solver=backend, iteration_limit=limit)
+        assert res.bound <= full.value, (limit, res)
+        if res.status == "iteration_limit":
+            stopped += 1
+            assert res.bound < full.bound  # the primal and the dual side differ here
+            if res.value is not None:
+                assert res.bound < res.value
+    assert stopped >= 1  # some limit stopped the solver before the optimum
+
+
+def test_lp_dual_bound_any_multipliers_are_valid_and_the_primal_is_not_the_bound():
+    p, optimum = lp_two_vars()
+    compiled = p._compile()
+    # The optimal duals of x + 2y <= 4, 3x + y <= 6 (both tight at (1.6, 1.2)): 0.4 and 0.2.
+    tight = solvers.lp_dual_bound(compiled, np.array([-0.4, -0.2]))
+    assert optimum - 1e-12 <= tight <= optimum
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        y = rng.normal(size=2) * 3
+        assert solvers.lp_dual_bound(compiled, y) <= optimum
+    # A feasible but suboptimal primal point (0, 0) has objective 0 > -2.8: a bound read from
+    # it would be wrong; suboptimal duals prove less than the optimum, not more.
+    weak = solvers.lp_dual_bound(compiled, np.array([-1.0, 0.0]))
+    assert weak < optimum
+    assert solvers.lp_dual_bound(compiled, np.array([np.nan, 0.0])) == -math.inf
+    # Zero multipliers prove the minimum over the box alone: -x - y >= -20 on [0, 10]^2.
+    assert -20.0 - 1e-12 <= solvers.lp_dual_bound(compiled, np.zeros(2)) <= -20.0
+    # Without upper bounds on x, y nothing finite is proved from them, even at the optimum:
+    # sound (-inf), never the primal objective.
+    p_inf, _ = lp_two_vars(INF)
+    res = solve(p_inf)
+    assert res.status == "optimal" and res.value == pytest.approx(optimum)
+    assert res.bound <= optimum
+    assert solvers.lp_dual_bound(p_inf._compile(), np.zeros(2)) == -math.inf
+
+
+def test_lp_dual_bound_rounds_outward():
+    """An LP whose exact optimum is not a float: the bound is at or below it (exactly checked
+    with fractions), never rounded up."""
+    from fractions import Fraction
+
+    p = MilpProblem()
+    x = p.add_variables(np.array([0.0]), np.array([10.0]))
+    p.add_rows(sp.csr_matrix([[3.0]]), x, np.array([1.0]), np.array([INF]))  # 3x >= 1
+    p.set_objective(x, np.array([1.0]))  # min x = 1/3
+    res = solve(p)
+    assert res.status == "optimal"
+    assert Fraction(res.bound) <= Fraction(1, 3)
+    assert res.bound >= 1 / 3 - 1e-12

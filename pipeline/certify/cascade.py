@@ -18,8 +18,12 @@ Per input (reference §4.1, reordered so that the common case is cheap):
 
 From stage 3 on, every zonotope intersects its ReLU bounds with the tightest ones known so far
 (earlier zonotopes with other λ, LP): any valid bound may be used.
-A counterexample counts only after a float64 forward pass confirms it inside the box; a certificate
-only when every label's float64 (or solver-proved) lower bound exceeds ``margin_tolerance``.
+A counterexample counts only after a forward pass in the model's own precision (float32, or float64
+for a DOUBLE ONNX model) on a point of that precision inside the box satisfies the property exactly
+(strict rows strictly); a certificate only when every label's float64 (or solver-proved) lower
+bound exceeds the bound of :mod:`pipeline.certify.fp_error` on the floating-point error of that
+input's computation (plus ``margin_tolerance`` for solver-proved bounds). Ties: robustness means the
+label's logit is strictly above every other; a tie is a counterexample and never certified.
 Non-finite inputs, weights or bounds are never certified; a timeout is "unknown".
 
     certifier = Certifier(net, CertifyConfig())
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.certify import fp_error
 from pipeline.certify.milp import (
     EncodingError,
     GeneratorCompression,
@@ -93,6 +98,7 @@ class CertifyResult:
     bounds: dict[int, float] = field(default_factory=dict)
     stage_times: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    outputs: list[float] | None = None  # the model's outputs at the counterexample (VNN-LIB)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "label": self.label,
@@ -127,8 +133,9 @@ class Spec:
 
     Rows of all disjuncts are stacked: ``A`` (R, n) or per input (B, R, n), ``b`` (R,) or (B, R),
     ``owner`` (R,) the disjunct of each row. A disjunct's margin is max_i (A_i y - b_i): the point
-    is safe for it iff the margin is > 0. ``strict``: a counterexample needs a margin < 0 (a
-    misclassification) rather than <= 0 (VNN-LIB's non-strict inequalities).
+    is safe for it iff the margin is > 0. ``strict``: a counterexample needs a margin < 0 rather
+    than <= 0; ``row_strict`` (R,) sets it per row (VNN-LIB's < and > atoms). Robustness uses
+    non-strict rows: a tie with another label is a counterexample.
     """
 
     A: Tensor
@@ -138,9 +145,10 @@ class Spec:
     strict: bool
     labels: Tensor | None = None  # (B,) for robustness (enables the CE attack loss)
     names: list[int] | None = None  # per disjunct: the adversarial label (single input)
+    row_strict: Tensor | None = None  # (R,) bool; None: ``strict`` for every row
 
     @classmethod
-    def robustness(cls, labels: Tensor, n_classes: int, strict: bool = True) -> "Spec":
+    def robustness(cls, labels: Tensor, n_classes: int, strict: bool = False) -> "Spec":
         """Disjunct k of input b: y_{a_k} >= y_{label_b}, for the labels a_k != label_b."""
         labels = labels.reshape(-1).to(torch.int64).cpu()
         bsz = labels.shape[0]
@@ -155,30 +163,33 @@ class Spec:
     @classmethod
     def disjunctive(cls, disjuncts: Iterable[Any], strict: bool = False) -> "Spec":
         """From (A, b) pairs or objects with ``.A``/``.b`` (VNN-LIB disjuncts)."""
-        rows, offsets, owner = [], [], []
+        rows, offsets, owner, stricts = [], [], [], []
         for k, d in enumerate(disjuncts):
             a, b = (d.A, d.b) if hasattr(d, "A") else d
             a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_1d(np.asarray(b, float))
             rows.append(a)
             offsets.append(b)
             owner += [k] * len(a)
+            st = getattr(d, "strict", None)
+            stricts.append(np.full(len(a), strict) if st is None else np.asarray(st, bool))
         if not rows:
             raise CertifyError("the property has no disjunct")
         return cls(torch.as_tensor(np.concatenate(rows)), torch.as_tensor(np.concatenate(offsets)),
                    torch.as_tensor(owner, dtype=torch.int64), len(rows), strict, None,
-                   list(range(len(rows))))
+                   list(range(len(rows))), torch.as_tensor(np.concatenate(stricts)))
 
     def to(self, device: torch.device) -> "Spec":
         return Spec(self.A.to(device), self.b.to(device), self.owner.to(device), self.n_disjuncts,
                     self.strict, None if self.labels is None else self.labels.to(device),
-                    self.names)
+                    self.names, None if self.row_strict is None else self.row_strict.to(device))
 
     def select(self, idx: Tensor) -> "Spec":
         """The spec of a subset of the inputs (per-input A/b only)."""
         if self.A.dim() == 2:
             return self
         return Spec(self.A[idx], self.b[idx], self.owner, self.n_disjuncts, self.strict,
-                    None if self.labels is None else self.labels[idx], self.names)
+                    None if self.labels is None else self.labels[idx], self.names,
+                    self.row_strict)
 
     def disjunct(self, k: int, item: int = 0) -> tuple[np.ndarray, np.ndarray]:
         rows = (self.owner == k).nonzero().reshape(-1)
@@ -206,8 +217,41 @@ class Spec:
         return self._reduce(torch.einsum("bn,brn->br", center, a) - b - radius)
 
     def violated(self, y: Tensor) -> Tensor:
-        m = self.margins(y).min(1).values
-        return m < 0 if self.strict else m <= 0
+        """(B,) whether outputs y lie in some disjunct's unsafe region, computed in y's dtype (a
+        candidate test: :meth:`violated_exactly` decides)."""
+        a, b = self._expand(y.shape[0], y.dtype)
+        rows = torch.einsum("bn,brn->br", y, a) - b
+        strict = self._strict(rows.device)
+        bad = torch.where(strict, rows < 0, rows <= 0).to(rows.dtype)
+        all_rows = torch.ones(rows.shape[0], self.n_disjuncts, dtype=rows.dtype,
+                              device=rows.device)
+        all_rows = all_rows.scatter_reduce(1, self.owner.to(rows.device).expand_as(rows), bad,
+                                           "amin")
+        return all_rows.amax(1) > 0
+
+    def violated_exactly(self, y: Iterable[float], item: int = 0) -> bool:
+        """Whether the output vector y (finite floats, e.g. a float32 forward pass) satisfies
+        some disjunct exactly as written: every row a·y - b <= 0, or < 0 where strict, in exact
+        rational arithmetic on the values of y, A and b."""
+        from fractions import Fraction
+
+        yf = [Fraction(float(v)) for v in y]
+        a = (self.A if self.A.dim() == 2 else self.A[item]).cpu().numpy()
+        b = (self.b if self.b.dim() == 1 else self.b[item]).cpu().numpy()
+        strict = self._strict(torch.device("cpu")).numpy()
+        owner = self.owner.cpu().numpy()
+        unsafe = np.ones(self.n_disjuncts, dtype=bool)
+        for r in range(a.shape[0]):
+            value = sum((Fraction(float(c)) * v for c, v in zip(a[r], yf) if c != 0),
+                        Fraction(0)) - Fraction(float(b[r]))
+            if not (value < 0 if strict[r] else value <= 0):
+                unsafe[owner[r]] = False
+        return bool(unsafe.any())
+
+    def _strict(self, device: torch.device) -> Tensor:
+        if self.row_strict is not None:
+            return self.row_strict.to(device)
+        return torch.full((self.owner.shape[0],), bool(self.strict), device=device)
 
     def _expand(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         a, b = self.A.to(dtype), self.b.to(dtype)
@@ -243,6 +287,7 @@ class OpenInput:
     spec: Spec  # of this input alone
     best: Tensor  # (D,) float64 CPU: best proved lower bounds
     todo: Tensor  # (D,) bool CPU: disjuncts still open
+    tau: Tensor  # (D,) float64 CPU: what each lower bound must exceed (fp_error)
     spent: float  # seconds of its budget the batched stages used
     slopes: dict[int, Tensor] | None
     priority: dict[int, Tensor] | None
@@ -256,7 +301,7 @@ class OpenInput:
         device = torch.device(device)
         move = (lambda d: None if d is None else {k: v.to(device) for k, v in d.items()})
         return OpenInput(self.result, self.names, self.lower.to(device), self.upper.to(device),
-                         self.spec.to(device), self.best, self.todo, self.spent,
+                         self.spec.to(device), self.best, self.todo, self.tau, self.spent,
                          move(self.slopes), move(self.priority),
                          {k: (lo.to(device), up.to(device)) for k, (lo, up) in self.known.items()})
 
@@ -271,6 +316,10 @@ class Certifier:
         self.device = torch.device(device)
         self.net32 = _frozen_copy(net, torch.float32, self.device)
         self.net64 = _frozen_copy(net, torch.float64, self.device)
+        # The precision the model runs in: counterexamples are checked, and the margins' error
+        # bounds derived, in it (float64 only for a model that declares it, e.g. DOUBLE ONNX).
+        self.precision = fp_error.model_precision(net)
+        self.net_run = self.net32 if self.precision == torch.float32 else self.net64
         self.input_shape = tuple(net.input_shape)
         self.finite = all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
                           if t.is_floating_point())
@@ -303,15 +352,15 @@ class Certifier:
 
     def certify_box(self, x: Tensor | np.ndarray | None, lower: Tensor | np.ndarray,
                     upper: Tensor | np.ndarray, label: int, index: int = 0,
-                    strict: bool = True) -> CertifyResult:
+                    strict: bool = False) -> CertifyResult:
         """Robustness over an arbitrary box (e.g. a VNN-LIB one in normalised space); ``x`` is
-        the clean point (the box centre when None). ``strict=False``: a tie is a counterexample
-        (VNN-LIB's ``Y_j >= Y_label``)."""
+        the clean point (the box centre when None). A tie is a counterexample (VNN-LIB's
+        ``Y_j >= Y_label``); ``strict=True``: only ``Y_j > Y_label`` is."""
         lower, upper = self._input(lower), self._input(upper)
         x64 = (lower + upper) / 2 if x is None else self._input(x)
         return self._certify(x64, lower, upper, self._robustness(label, strict), index, label)
 
-    def _robustness(self, label: int, strict: bool = True) -> Spec:
+    def _robustness(self, label: int, strict: bool = False) -> Spec:
         if not 0 <= int(label) < self.n_outputs:
             raise CertifyError(f"label {label} outside 0..{self.n_outputs - 1}")
         return Spec.robustness(torch.tensor([int(label)]), self.n_outputs, strict)
@@ -383,11 +432,12 @@ class Certifier:
         bsz = x.shape[0]
         spec = spec.to(self.device)
         n_d = spec.n_disjuncts
-        tol = cfg.margin_tolerance
         res = [CertifyResult(int(i), int(l), -1) for i, l in zip(indices, labels)]
         names = [self._names(spec, labels[j]) for j in range(bsz)]
         best = torch.full((bsz, n_d), -math.inf, dtype=torch.float64)
         todo = torch.ones((bsz, n_d), dtype=torch.bool)
+        # Per disjunct, what a lower bound must exceed (fp_error; set at the first zonotope).
+        tau = torch.full((bsz, n_d), math.inf, dtype=torch.float64)
         spent = [0.0] * bsz
         decided: list[bool] = [False] * bsz
 
@@ -410,7 +460,7 @@ class Certifier:
             r = torch.as_tensor(rows, dtype=torch.int64)
             ok = torch.isfinite(b)
             best[r] = torch.where(ok, torch.maximum(best[r], b), best[r])
-            todo[r] &= ~(ok & (b > tol))
+            todo[r] &= ~(ok & (b > tau[r]))
             return (~todo[r].any(1)).tolist()
 
         def budget(rows: list[int]) -> float:
@@ -431,24 +481,25 @@ class Certifier:
         finite_in = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(lower).flatten(1).all(1)
                      & torch.isfinite(upper).flatten(1).all(1))
         with torch.no_grad():
-            logits = self.net64(x)
+            # The clean point as the model takes it: in its precision, inside the box (rows with
+            # a non-finite input keep it: they are decided "nonfinite" below).
+            x_run = torch.where(finite_in.view(-1, *([1] * (x.dim() - 1))),
+                                _round_into(x, lower, upper, self.precision).double(), x)
+            logits = self.net_run(x_run.to(self.precision)).double()
         finite = (finite_in & torch.isfinite(logits).all(1)).cpu()
         predicted = logits.argmax(1).cpu()
-        violated = spec.violated(logits).cpu() if spec.labels is None else None
-        inside = ((x >= lower) & (x <= upper)).flatten(1).all(1).cpu()
+        logits_host = logits.cpu()
         charge("clean", everyone, time.perf_counter() - t)
         for j in everyone:
             if bool(finite[j]):
                 res[j].predicted = int(predicted[j])
             if not (bool(finite[j]) and self.finite):
                 decide(j, "unknown", "nonfinite", "NaN or inf in the input, box or weights")
-            elif spec.labels is not None:
-                if res[j].predicted != labels[j]:
-                    res[j].counterexample = x[j].reshape(-1).tolist()  # the clean point itself
-                    decide(j, "misclassified", "clean")
-            elif bool(violated[j]) and bool(inside[j]):
-                res[j].counterexample = x[j].reshape(-1).tolist()
-                decide(j, "falsified", "clean")
+            elif spec.violated_exactly(logits_host[j].tolist(), j if spec.A.dim() == 3 else 0):
+                res[j].counterexample = x_run[j].reshape(-1).tolist()  # the clean point itself
+                # A tie with the label's logit (argmax may still name the label) is falsified.
+                decide(j, "misclassified" if spec.labels is not None
+                       and res[j].predicted != labels[j] else "falsified", "clean")
         rows = [j for j in everyone if not decided[j]]
 
         def attack(rows: list[int], stage: str, restarts: int, steps: int, step: float,
@@ -478,6 +529,8 @@ class Certifier:
         r = torch.as_tensor(rows, device=self.device)
         with torch.no_grad():
             run = run_zonotope(self.net64, lower[r], upper[r], compression=self.compression)
+            tau[torch.as_tensor(rows)] = \
+                self._threshold(lower[r], upper[r], run, spec.select(r)).cpu()
             ok = record(rows, spec.select(r).lower(run.element))
         charge("zonotope", rows, time.perf_counter() - t)
         for k, j in enumerate(rows):
@@ -518,7 +571,8 @@ class Certifier:
             out = self._optimise_slopes(lower[r], upper[r], spec.select(r),
                                         todo[tr].to(self.device),
                                         ZonotopeRun(run.element, relaxations=relax),
-                                        budget(rows), refined=known)
+                                        budget(rows), refined=known,
+                                        tau=tau[tr].to(self.device))
             slopes, priority, stepped = out.slopes, out.priority, out.stepped
             known = self._tighter(lower[r], upper[r], slopes, known)
             ok = record(rows, out.bounds)
@@ -543,7 +597,7 @@ class Certifier:
             res[j] = OpenInput(
                 res[j], names[j], lower[j:j + 1], upper[j:j + 1],
                 spec.select(torch.tensor([j], device=self.device)), best[j].clone(),
-                todo[j].clone(), spent[j],
+                todo[j].clone(), tau[j].clone(), spent[j],
                 None if slopes is None else {q: s_[one] for q, s_ in slopes.items()},
                 None if priority is None or not stepped[k] else
                 {q: p[one] for q, p in priority.items()},
@@ -565,7 +619,7 @@ class Certifier:
         t0 = time.perf_counter()
         deadline = t0 + max(cfg.timeout_per_input_s - state.spent, 0.0)
         lower, upper, spec = state.lower, state.upper, state.spec
-        best, todo, names = state.best, state.todo, state.names
+        best, todo, names, tau = state.best, state.todo, state.names, state.tau
         slopes, priority, known = state.slopes, state.priority, state.known
         timer = _Timer(res)
 
@@ -580,7 +634,7 @@ class Certifier:
             bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
             finite = torch.isfinite(bounds)
             best[finite] = torch.maximum(best[finite], bounds[finite])
-            todo[finite & (bounds > cfg.margin_tolerance)] = False
+            todo[finite & (bounds > tau)] = False
             return not bool(todo.any())
 
         # 6. LP tightening of the ReLU bounds the MILP takes from the zonotope, then slopes
@@ -596,7 +650,8 @@ class Certifier:
                     if not done and slopes is not None and time.perf_counter() < deadline:
                         out = self._optimise_slopes(
                             lower, upper, spec, todo.view(1, -1).to(self.device), run, deadline,
-                            refined=known, init={r: s_.float() for r, s_ in slopes.items()})
+                            refined=known, init={r: s_.float() for r, s_ in slopes.items()},
+                            tau=tau.view(1, -1).to(self.device))
                         slopes = out.slopes
                         priority = (out.priority if out.stepped[0] else None) or priority
                         known = self._tighter(lower, upper, slopes, known)
@@ -616,7 +671,7 @@ class Certifier:
                 with timer("milp"):
                     for start in self._milp_starts():
                         outcome, cex = self._milp(lower, upper, spec, start, todo, best, slopes,
-                                                  known, priority, deadline, record)
+                                                  known, priority, deadline, record, tau)
                         if outcome != "failed":
                             break
             except EncodingError as err:
@@ -688,7 +743,7 @@ class Certifier:
                 if step < steps:
                     (grad,) = torch.autograd.grad(objective.sum(), coeff)
             with torch.no_grad():
-                hit = (margin < 0) if spec.strict else (margin <= 0)
+                hit = spec.violated(logits.detach()) | (margin <= 0)
                 cand_coeff = torch.where(hit.view(view), coeff.detach(), cand_coeff)
                 cand |= hit
                 late = deadline is not None and time.perf_counter() > deadline
@@ -712,22 +767,38 @@ class Certifier:
         owner = idx // restarts
         point = (center64[owner] + radius64[owner] * coeff.detach()[idx].double())
         point = torch.maximum(torch.minimum(point, upper[owner]), lower[owner])
-        y = self.net64(point)
         sub = spec.select(owner) if spec.A.dim() == 3 else spec
-        ok = sub.violated(y) & torch.isfinite(y).all(1)
+        ok, point = self._check_points(point, lower[owner], upper[owner], sub)
         for j in ok.nonzero().reshape(-1).tolist():
             b = int(owner[j])
             if not found[b]:
                 found[b] = True
                 best[b] = point[j]
 
+    def _check_points(self, point: Tensor, lower: Tensor, upper: Tensor, spec: Spec
+                      ) -> tuple[Tensor, Tensor]:
+        """(ok (N,), points (N, ...) float64): each point rounded into its box in the model's
+        precision, run by the model in that precision, and ok where the outputs satisfy the
+        property exactly (:meth:`Spec.violated_exactly`, strict rows strictly)."""
+        with torch.no_grad():
+            x = _round_into(point, lower, upper, self.precision)
+            y = self.net_run(x).double()
+        ok = torch.zeros(len(x), dtype=torch.bool)
+        inside = ((x.double() >= lower) & (x.double() <= upper)).flatten(1).all(1)
+        cand = (spec.violated(y) & torch.isfinite(y).all(1) & inside).cpu()
+        for j in cand.nonzero().reshape(-1).tolist():
+            ok[j] = spec.violated_exactly(y[j].tolist(), j if spec.A.dim() == 3 else 0)
+        return ok.to(point.device), x.double()
+
     def _optimise_slopes(self, lower: Tensor, upper: Tensor, spec: Spec, todo: Tensor,
                          run: ZonotopeRun, deadline: float | None,
                          refined: dict[int, tuple[Tensor, Tensor]] | None = None,
                          iterations: int | None = None,
-                         init: dict[int, Tensor] | None = None) -> _SlopeOutcome:
+                         init: dict[int, Tensor] | None = None,
+                         tau: Tensor | None = None) -> _SlopeOutcome:
         """COLT's learn_slopes for a batch: Adam on λ (float32) against the worst-case margins of
-        the open disjuncts; candidates are re-checked in float64 (the only bounds that count).
+        the open disjuncts; candidates are re-checked in float64 (the only bounds that count)
+        and verified above ``tau`` (B, D), the floating-point error bound of each margin.
 
         Every decision is per input, so an input's slopes do not depend on its batch: its
         plateau (``slope_patience``), its best λ, its priorities; an input that has stopped
@@ -735,7 +806,8 @@ class Certifier:
         ``SLOPE_CHECK_EVERY`` steps, when the inputs whose float32 bounds all pass are re-checked
         in float64."""
         cfg = self.cfg
-        tol = cfg.margin_tolerance
+        tol = tau if tau is not None else \
+            torch.full(todo.shape, math.inf, dtype=torch.float64, device=self.device)
         bsz = lower.shape[0]
         dev = self.device
         lo32, up32 = lower.float(), upper.float()
@@ -769,7 +841,7 @@ class Certifier:
                 lb = spec.select(idx).lower(out.element)
             ok = torch.isfinite(lb)
             bounds[idx] = torch.where(ok, torch.maximum(bounds[idx], lb), bounds[idx])
-            verified[idx] |= ok & (lb > tol)
+            verified[idx] |= ok & (lb > tol[idx])
             pending[idx] &= ~verified[idx]
 
         it = 0
@@ -890,7 +962,7 @@ class Certifier:
     def _milp(self, lower: Tensor, upper: Tensor, spec: Spec, start: int, todo: Tensor,
               best: Tensor, slopes: dict[int, Tensor] | None,
               refined: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
-              deadline: float, record: Any) -> tuple[str, list[float] | None]:
+              deadline: float, record: Any, tau: Tensor) -> tuple[str, list[float] | None]:
         """Per open disjunct, hardest first; stops at the first one that fails (COLT's
         fail_break). Returns ("certified" | "failed" | "timeout", None) or ("falsified", the
         counterexample): an encoding from the input box yields input points, and a negative one
@@ -915,8 +987,11 @@ class Certifier:
                 enc = self.encoder.encode(lower, upper, run, start=start, priorities=prio,
                                           max_binary_per_layer=cfg.max_binary_per_layer,
                                           max_binary_total=cfg.max_binary_total)
+            # A solver's bound holds up to its tolerances: it must clear the error bound by
+            # margin_tolerance more.
             out = solve_disjunct(enc, a, b, solver=cfg.solver, time_limit_s=remaining,
-                                 tolerance=cfg.margin_tolerance, threads=cfg.solver_threads)
+                                 tolerance=float(tau[k]) + cfg.margin_tolerance,
+                                 threads=cfg.solver_threads)
             log.debug("MILP from block %d, disjunct %d: %s bound %.4g (%d/%d binary) in %.2fs",
                       start, k, out.status, out.bound, enc.num_binary, enc.num_unstable,
                       out.runtime_s)
@@ -924,7 +999,7 @@ class Certifier:
                 bound = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
                 # A proved bound (any status but infeasible/error) is kept for the report;
                 # only a verified one closes the disjunct (record's tolerance test).
-                bound[k] = out.bound if out.verified else min(out.bound, cfg.margin_tolerance)
+                bound[k] = out.bound if out.verified else min(out.bound, float(tau[k]))
                 record(bound, "milp")
             if out.input_point is not None and out.value is not None and out.value < 0:
                 cex = self._confirmed_point(out.input_point, lower, upper, spec)
@@ -936,13 +1011,12 @@ class Certifier:
 
     def _confirmed_point(self, point: np.ndarray, lower: Tensor, upper: Tensor,
                          spec: Spec) -> list[float] | None:
-        """``point`` (a solver's input values) clipped into the box, if the network's plain
-        float64 forward pass violates the property there; else None."""
+        """``point`` (a solver's input values) clipped into the box, if the network's forward
+        pass in its own precision violates the property there exactly; else None."""
         x = torch.as_tensor(point, dtype=torch.float64, device=lower.device).reshape(lower.shape)
         x = torch.maximum(torch.minimum(x, upper), lower)
-        with torch.no_grad():
-            y = self.net64(x)
-        if bool(torch.isfinite(y).all()) and bool(spec.violated(y).all()):
+        ok, x = self._check_points(x, lower, upper, spec)
+        if bool(ok.all()):
             return x.reshape(-1).tolist()
         return None
 
@@ -961,6 +1035,13 @@ class Certifier:
         pgd = nat & torch.tensor([r.status != "falsified" for r in results], dtype=torch.bool)
         cert = torch.tensor([r.status == "certified" for r in results], dtype=torch.bool)
         return {"nat": nat, "pgd": pgd, "cert": cert}
+
+    def _threshold(self, lower: Tensor, upper: Tensor, run: ZonotopeRun, spec: Spec) -> Tensor:
+        """(B, D) what each disjunct's float64 lower bound must exceed: the bound on the
+        floating-point error of the model's run and of the bound computation
+        (:mod:`pipeline.certify.fp_error`), from this region's reachable magnitudes."""
+        err = fp_error.output_error(self.net64, lower, upper, run.pre_bounds, self.precision)
+        return fp_error.margin_threshold(err, spec.A, spec.b, spec.owner, spec.n_disjuncts)
 
     def _chunk_size(self) -> int:
         """Inputs per zonotope batch so that the generator tensors stay within the budget
@@ -1106,6 +1187,17 @@ def _to_device(comp: GeneratorCompression, device: torch.device) -> GeneratorCom
         out.fuse_weight = comp.fuse_weight.to(device)
         out.fuse_map = comp.fuse_map.to(device)
     return out
+
+
+def _round_into(x: Tensor, lower: Tensor, upper: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype`` (nearest) inside [lower, upper]: the box edges rounded inwards to that
+    precision (a box without a point of it keeps the rounded edge, which then fails the box)."""
+    xr = x.to(dtype)
+    lo, up = lower.to(dtype), upper.to(dtype)
+    lo = torch.where(lo.double() < lower, torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
+    up = torch.where(up.double() > upper, torch.nextafter(up, torch.full_like(up, -math.inf)),
+                     up)
+    return torch.maximum(torch.minimum(xr, up), lo)
 
 
 def _inside(x: Tensor, lower: Tensor, upper: Tensor) -> bool:

@@ -6,8 +6,10 @@
     # an ONNX network exported without its normalisation (COLT's files)
     python -m pipeline.certify --model mnist_0.1.onnx --mean 0.1307 --std 0.3081 \\
         --dataset mnist --data-dir /work/shared/benchmarks/mnist --eps 0.1 --end 100
-    # VNN-COMP style: prints sat / unsat / unknown / timeout
-    python -m pipeline.certify --model net.onnx --vnnlib spec.vnnlib.gz --timeout-per-input 300
+    # VNN-COMP style: prints sat / unsat / unknown / timeout, and writes the competition's
+    # result file (the answer; for sat the assignment ((X_0 v) ... (Y_0 v)))
+    python -m pipeline.certify --model net.onnx --vnnlib spec.vnnlib.gz --timeout-per-input 300 \
+        --results out.txt
 
 One JSON line per input (index, label, predicted, status, method, time_s, counterexample for
 falsified, per-label bounds) is appended to ``--out`` with flush + fsync; inputs already in the file
@@ -218,7 +220,9 @@ def _check_resumed(done: dict[int, dict[str, Any]], eps: float, out: Any) -> Non
 def certify_vnnlib(net: Net, prop: Any, cfg: CertifyConfig | None = None,
                    device: str | None = None) -> tuple[str, CertifyResult]:
     """VNN-COMP answer (sat / unsat / unknown / timeout) for a VnnlibProperty: robustness
-    properties go through the cascade, others are verified disjunct by disjunct."""
+    properties go through the cascade, others are verified disjunct by disjunct. A sat answer's
+    counterexample is re-checked against the property file's own semantics by a forward pass in
+    the model's precision (``result.outputs``: those outputs)."""
     cfg = cfg or CertifyConfig()
     certifier = Certifier(net, cfg, _device(device))
     label = prop.is_robustness_of()
@@ -231,14 +235,46 @@ def certify_vnnlib(net: Net, prop: Any, cfg: CertifyConfig | None = None,
         # The property file's own semantics must agree (the counterexample is in the box and
         # its float64 output lies in some unsafe disjunct).
         x = torch.tensor(result.counterexample, dtype=torch.float64).reshape(1, *net.input_shape)
+        x_run = x.to(certifier.precision)
         with torch.no_grad():
-            y = certifier.net64(x.to(certifier.device)).cpu().numpy().reshape(-1)
-        inside = bool(np.all(x.numpy().reshape(-1) >= prop.lower.reshape(-1)) and
-                      np.all(x.numpy().reshape(-1) <= prop.upper.reshape(-1)))
-        if not (inside and prop.is_violated_by(y)):
+            y = certifier.net_run(x_run.to(certifier.device)).double().cpu().numpy().reshape(-1)
+        flat = x_run.double().numpy().reshape(-1)
+        inside = prop.contains(flat)  # the box exactly as written
+        if not (inside and np.all(np.isfinite(y)) and prop.is_violated_by(y)):
             answer = "unknown"
             result.message = "counterexample not confirmed by the property"
+        else:
+            result.counterexample = flat.tolist()
+            result.outputs = y.tolist()
     return answer, result
+
+
+def vnncomp_result(answer: str, x: list[float] | None = None,
+                   y: list[float] | None = None) -> str:
+    """VNN-COMP's result file: the answer line; for sat the assignment
+    ``((X_0 v)`` ... ``(Y_m v))`` with values that read back to the same floats."""
+    if answer != "sat" or x is None or y is None:
+        return answer + "\n"
+    pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x)] + \
+        [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y)]
+    return "sat\n(" + "\n ".join(pairs) + ")\n"
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, fsynced and
+    renamed over it: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=("highs", "gurobi", "auto"))
     p.add_argument("--timeout-per-input", type=float, help="seconds for the whole cascade")
     p.add_argument("--out", help="JSONL results file (appended; resumes)")
+    p.add_argument("--results", help="with --vnnlib: VNN-COMP's result file (sat with the "
+                                     "assignment, unsat, timeout or unknown), written "
+                                     "atomically")
     p.add_argument("--retry-unknown", action="store_true",
                    help="certify again the inputs --out holds as unknown (a later try, e.g. with "
                         "a larger --timeout-per-input; the new line supersedes the old)")
@@ -323,6 +362,11 @@ def _prepare(args: argparse.Namespace) -> Any:
     device = _device(args.device)
     if args.out and Path(args.out).exists():
         read_results(args.out, repair=False)  # a malformed file is bad input
+    if args.results and not args.vnnlib:
+        raise CertifyError("--results is the VNN-COMP answer file of --vnnlib (for a data set "
+                           "use --out)")
+    if args.results and Path(args.results).is_dir():
+        raise CertifyError(f"--results {args.results}: is a directory (give a file name)")
     if args.vnnlib:
         from pipeline.certify.onnx_vnnlib import load_vnnlib
 
@@ -375,12 +419,20 @@ def _run_vnnlib(net: Net, prop: Any, cfg: CertifyConfig, args: argparse.Namespac
                 device: torch.device) -> int:
     done = read_results(args.out) if args.out else {}
     if 0 in done:  # resumed (_prepare checked that it is this property's line)
-        print(done[0].get("answer", "unknown"))
+        answer = done[0].get("answer", "unknown")
+        if args.results:
+            write_atomically(args.results, vnncomp_result(answer, done[0].get("counterexample"),
+                                                          done[0].get("outputs")))
+        print(answer)
         return 0
     answer, result = certify_vnnlib(net, prop, cfg, str(device))
     row = {**result.to_json(), "property": str(args.vnnlib), "answer": answer}
     if answer == "sat":
         row["counterexample"] = result.counterexample
+        row["outputs"] = result.outputs
+    if args.results:
+        write_atomically(args.results, vnncomp_result(answer, result.counterexample,
+                                                      result.outputs))
     writer = ResultsWriter(args.out)
     try:
         writer.write(row)
@@ -482,5 +534,5 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-__all__ = ["certify_dataset", "certify_vnnlib", "main", "read_results", "summarize",
+__all__ = ["certify_dataset", "certify_vnnlib", "vnncomp_result", "write_atomically", "main", "read_results", "summarize",
            "format_summary", "load_project_checkpoint", "ResultsFileError"]

@@ -17,7 +17,9 @@ Three pieces, used by :mod:`pipeline.certify.cascade` (and by the tests on their
   over its own dependency cone of the LP relaxation of the prefix).
 
 Soundness: every bound is computed in float64; a MILP bound counts only when the solver proved
-it (status optimal or stopped above the threshold); everything else is "not verified".
+it (status optimal or stopped above the threshold: the MIP dual bound, or for an LP the bound its
+duals prove, never the primal objective); everything else is "not verified". Verdicts compare
+against the floating-point error threshold of :mod:`pipeline.certify.fp_error`.
 
     run = run_zonotope(net, lower, upper, all_bounds=True, keep=(6,))
     enc = MilpEncoder(net).encode(lower, upper, run, start=6, max_binary_per_layer=30)
@@ -528,7 +530,12 @@ def set_disjunct_objective(enc: NetEncoding, A: np.ndarray, b: np.ndarray) -> Mi
         return problem
     # t >= A_i y - b_i; the interval lower bound of each row is a valid lower bound of t.
     lo_rows = (np.where(A > 0, A * enc.output_lower, A * enc.output_upper).sum(1) - b)
-    t = problem.add_variables(np.array([lo_rows.max()]), np.array([np.inf]))
+    # ... and the upper ones bound the t that the minimum needs (t = max_i row_i): a finite
+    # upper bound lets the duals of an LP prove its bound (solvers.lp_dual_bound).
+    up_rows = (np.where(A > 0, A * enc.output_upper, A * enc.output_lower).sum(1) - b)
+    top = float(up_rows.max())
+    top = top + 1e-9 * max(1.0, abs(top)) if np.isfinite(top) else np.inf
+    t = problem.add_variables(np.array([lo_rows.max()]), np.array([top]))
     m = A.shape[0]
     rows = sp.hstack([sp.csr_matrix(np.ones((m, 1))), sp.csr_matrix(-A)]).tocsr()
     problem.add_rows(rows, np.concatenate([t, out]), -b, np.full(m, np.inf))

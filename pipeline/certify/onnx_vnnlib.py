@@ -14,9 +14,18 @@ normalisation by constants (Sub/Div, also Add/Mul) that becomes a :class:`Normal
 of the result is always a Normalize (identity if the graph and the arguments give none), so the
 block indices are COLT's.
 
+Precision: a FLOAT model becomes a float32 Net, a DOUBLE model a float64 one (weights, biases and
+normalisation constants kept in float64, never rounded); ``net.precision`` records it, and the
+certifier checks counterexamples and bounds the rounding error in that precision. Other input
+types, or weights of another precision than the input, are refused.
+
 VNN-LIB: declarations ``(declare-const X_i Real)`` / ``(declare-const Y_j Real)``, box bounds on
 each X_i, and assertions over Y that are any and/or nesting of linear atoms (<=, >=, <, >, = over
-+, -, * by a constant), turned into a disjunction of conjunctions ``A y <= b``.
++, -, * by a constant), turned into a disjunction of conjunctions ``A y <= b`` (``< b`` for the
+strict atoms). Numbers are read exactly (rationals): the float64 box is rounded outwards (it
+contains the written one: certificates cover it) and A, b to nearest, while
+:meth:`VnnlibProperty.contains` and :meth:`Disjunct.holds` decide a counterexample exactly as
+written, strict where strict.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +281,31 @@ def _per_channel(node: _Node, const: np.ndarray, shape: tuple[int, ...]) -> np.n
     return flat[:, 0].copy()
 
 
+_PRECISIONS = {1: torch.float32, 11: torch.float64}  # TensorProto.FLOAT, DOUBLE
+
+
+def _input_precision(path: Path, graph: Any, name: str, consts: dict[str, np.ndarray]
+                     ) -> torch.dtype:
+    """The model's precision: its input's element type (FLOAT or DOUBLE); every floating
+    initializer must have it."""
+    import onnx
+
+    value = next(v for v in graph.input if v.name == name)
+    elem = value.type.tensor_type.elem_type
+    if elem not in _PRECISIONS:
+        shown = onnx.TensorProto.DataType.Name(elem) if elem else "undefined"
+        raise ModelFormatError(f"{path}: input {name!r} has element type {shown}; supported: "
+                               "FLOAT (float32) or DOUBLE (float64)")
+    dtype = _PRECISIONS[elem]
+    want = np.float32 if dtype == torch.float32 else np.float64
+    for key, arr in consts.items():
+        if np.issubdtype(arr.dtype, np.floating) and arr.dtype != want:
+            raise ModelFormatError(_one_line(
+                f"{path}: initializer {key!r} is {arr.dtype}, the input is {np.dtype(want)}; "
+                "supported: one precision throughout (re-export the model in one precision)"))
+    return dtype
+
+
 def _input_shape(path: Path, graph: Any, name: str) -> tuple[int, ...]:
     value = next(v for v in graph.input if v.name == name)
     tensor_type = value.type.tensor_type
@@ -341,6 +376,7 @@ def load_onnx(path: str | Path, mean: tuple[float, ...] | None = None,
             "exactly one (a single chain)"))
     input_name = real_inputs[0]
     input_shape = _input_shape(path, graph, input_name)
+    precision = _input_precision(path, graph, input_name, consts)
     channels = input_shape[0]
 
     # The chain: tensor name -> its shape without batch (every chain tensor ever produced).
@@ -402,9 +438,9 @@ def load_onnx(path: str | Path, mean: tuple[float, ...] | None = None,
             node.attrs(set())
             block = ReLU()
         elif op == "Conv":
-            block, new_shape = _conv(node, cur_shape, names, consts)
+            block, new_shape = _conv(node, cur_shape, names, consts, precision)
         elif op == "Gemm":
-            block, new_shape = _gemm(node, cur, cur_shape, names, consts)
+            block, new_shape = _gemm(node, cur, cur_shape, names, consts, precision)
         elif op == "MatMul":
             node.attrs(set())
             if names[0] != cur or len(cur_shape) != 1:
@@ -413,7 +449,7 @@ def load_onnx(path: str | Path, mean: tuple[float, ...] | None = None,
             if weight.ndim != 2 or weight.shape[0] != cur_shape[0]:
                 raise node.error(f"MatMul weight of shape {weight.shape} does not fit an "
                                  f"input of {cur_shape[0]} features")
-            block = _linear(weight.T, np.zeros(weight.shape[1]))
+            block = _linear(weight.T, np.zeros(weight.shape[1]), precision)
             new_shape = (weight.shape[1],)
         elif op == "Flatten":
             attrs = node.attrs({"axis"})
@@ -495,11 +531,13 @@ def load_onnx(path: str | Path, mean: tuple[float, ...] | None = None,
         norm_std = _per_channel_arg(path, "std", std, len(norm_std), 1.0)
         if np.any(norm_std == 0):
             raise ModelFormatError(f"{path}: std contains 0")
-    normalize = Normalize(tuple(float(v) for v in norm_mean), tuple(float(v) for v in norm_std))
+    normalize = Normalize(tuple(float(v) for v in norm_mean), tuple(float(v) for v in norm_std),
+                          dtype=precision)
     stem = path.name
     for suffix in (".gz", ".onnx"):
         stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
     net = Net([normalize, *blocks], input_shape, name=stem)
+    net.precision = precision  # what the model runs in (pipeline.certify.fp_error)
     try:
         net.shapes()
     except Exception as err:  # a mismatch the per-node checks missed
@@ -520,16 +558,17 @@ def _per_channel_arg(path: Path, what: str, values: tuple[float, ...] | None, n:
     return arr
 
 
-def _linear(weight: np.ndarray, bias: np.ndarray) -> Linear:
-    block = Linear(weight.shape[1], weight.shape[0])
+def _linear(weight: np.ndarray, bias: np.ndarray, dtype: torch.dtype = torch.float32) -> Linear:
+    block = Linear(weight.shape[1], weight.shape[0]).to(dtype)
     with torch.no_grad():
-        block.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-        block.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        block.weight.copy_(torch.as_tensor(weight, dtype=dtype))
+        block.bias.copy_(torch.as_tensor(bias, dtype=dtype))
     return block
 
 
 def _conv(node: _Node, shape: tuple[int, ...], names: list[str],
-          consts: dict[str, np.ndarray]) -> tuple[Conv2d, tuple[int, ...]]:
+          consts: dict[str, np.ndarray], dtype: torch.dtype = torch.float32
+          ) -> tuple[Conv2d, tuple[int, ...]]:
     attrs = node.attrs({"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
     if len(shape) != 3:
         raise node.error(f"Conv on an input of shape {shape} (only (batch, C, H, W))")
@@ -566,15 +605,17 @@ def _conv(node: _Node, shape: tuple[int, ...], names: list[str],
     ow = (w + 2 * pads[1] - kw) // strides[1] + 1
     if oh <= 0 or ow <= 0:
         raise node.error(f"kernel {kh}x{kw} larger than the padded input {h}x{w}")
-    block = Conv2d(c, out_ch, (kh, kw), stride=tuple(strides), padding=(pads[0], pads[1]))
+    block = Conv2d(c, out_ch, (kh, kw), stride=tuple(strides),
+                   padding=(pads[0], pads[1])).to(dtype)
     with torch.no_grad():
-        block.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-        block.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        block.weight.copy_(torch.as_tensor(weight, dtype=dtype))
+        block.bias.copy_(torch.as_tensor(bias, dtype=dtype))
     return block, (out_ch, oh, ow)
 
 
 def _gemm(node: _Node, cur: str, shape: tuple[int, ...], names: list[str],
-          consts: dict[str, np.ndarray]) -> tuple[Linear, tuple[int, ...]]:
+          consts: dict[str, np.ndarray], dtype: torch.dtype = torch.float32
+          ) -> tuple[Linear, tuple[int, ...]]:
     attrs = node.attrs({"alpha", "beta", "transA", "transB", "broadcast"})
     if attrs.get("transA", 0):
         raise node.error("transA=1 is unsupported")
@@ -596,14 +637,14 @@ def _gemm(node: _Node, cur: str, shape: tuple[int, ...], names: list[str],
         except ValueError:
             raise node.error(f"Gemm C of shape {c.shape} (only broadcastable to (1, "
                              f"{n_out}))") from None
-    return _linear(weight, bias), (n_out,)
+    return _linear(weight, bias, dtype), (n_out,)
 
 
 def _add_bias(node: _Node, block: nn.Module, const: np.ndarray, shape: tuple[int, ...]) -> None:
     """Fold ``+ const`` into the bias of the Linear/Conv2d block that produced the tensor."""
     value = _per_channel(node, const, shape)
     with torch.no_grad():
-        block.bias.add_(torch.as_tensor(value, dtype=torch.float32))
+        block.bias.add_(torch.as_tensor(value, dtype=block.bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,19 +658,51 @@ class Disjunct:
 
     A: np.ndarray  # (m, n_outputs) float64
     b: np.ndarray  # (m,) float64
+    strict: np.ndarray | None = None  # (m,) bool: the row is A_i y < b_i (from < or >)
+    # The rows as written: per row ({output j: coefficient}, b) in exact rationals.
+    exact: tuple[tuple[dict[int, Fraction], Fraction], ...] | None = None
 
     def holds(self, y: np.ndarray, tol: float = 0.0) -> bool:
-        """Whether the output vector ``y`` satisfies every constraint (within ``tol``)."""
-        return bool(np.all(self.A @ np.asarray(y, np.float64).reshape(-1) <= self.b + tol))
+        """Whether the output vector ``y`` satisfies every constraint (within ``tol``; strict
+        rows strictly), in exact rational arithmetic on the values of y and the constraints as
+        written (the float64 A, b when the rows were not parsed)."""
+        yf = [Fraction(float(v)) for v in np.asarray(y, np.float64).reshape(-1)]
+        strict = np.zeros(len(self.b), bool) if self.strict is None else self.strict
+        rows = self.exact if self.exact is not None else tuple(
+            ({j: Fraction(float(c)) for j, c in enumerate(a) if c != 0}, Fraction(float(b)))
+            for a, b in zip(self.A, self.b))
+        for (coefs, b), st in zip(rows, strict):
+            value = sum((c * yf[j] for j, c in coefs.items()), Fraction(0)) - b \
+                - Fraction(float(tol))
+            if not (value < 0 if st else value <= 0):
+                return False
+        return True
 
 
 @dataclass(frozen=True, eq=False)
 class VnnlibProperty:
     """Unsafe (sat) iff some x in [lower, upper] gives outputs satisfying some disjunct."""
 
-    lower: np.ndarray  # input_shape, float64
-    upper: np.ndarray  # input_shape, float64
+    lower: np.ndarray  # input_shape, float64 (rounded outwards)
+    upper: np.ndarray  # input_shape, float64 (rounded outwards)
     disjuncts: tuple[Disjunct, ...]
+    # The box as written: per input (lower, upper, lower strict, upper strict), exact.
+    exact_box: tuple[tuple[Fraction, Fraction, bool, bool], ...] | None = None
+
+    def contains(self, x: np.ndarray) -> bool:
+        """Whether the input ``x`` lies in the box exactly as written (strict bounds strictly;
+        the float64 box when it was not parsed)."""
+        flat = np.asarray(x, np.float64).reshape(-1)
+        if self.exact_box is None:
+            return bool(np.all(flat >= self.lower.reshape(-1)) and
+                        np.all(flat <= self.upper.reshape(-1)))
+        for v, (lo, up, lo_strict, up_strict) in zip(flat, self.exact_box):
+            if not math.isfinite(v):
+                return False
+            f = Fraction(float(v))
+            if not ((f > lo if lo_strict else f >= lo) and (f < up if up_strict else f <= up)):
+                return False
+        return True
 
     @property
     def n_outputs(self) -> int:
@@ -646,8 +719,8 @@ class VnnlibProperty:
             return None
         label, others = None, set()
         for d in self.disjuncts:
-            if d.A.shape[0] != 1 or d.b[0] != 0:
-                return None
+            if d.A.shape[0] != 1 or d.b[0] != 0 or (d.strict is not None and d.strict.any()):
+                return None  # strict rows (Y_j > Y_k) go through the general path
             row = d.A[0]
             pos, neg = np.flatnonzero(row > 0), np.flatnonzero(row < 0)
             if len(pos) != 1 or len(neg) != 1 or row[pos[0]] != -row[neg[0]]:
@@ -715,18 +788,26 @@ class _Vnnlib:
         return top
 
 
-def _number(tok: str) -> float | None:
+def _number(tok: str) -> Fraction | None:
+    """The exact value of a numeral (decimal, exponent or a rational like 1/3)."""
     try:
-        value = float(tok)
-    except ValueError:
-        if "/" in tok:  # rationals like 1/3
-            try:
-                num, den = tok.split("/")
-                return float(num) / float(den)
-            except (ValueError, ZeroDivisionError):
-                return None
+        value = Fraction(tok)
+    except (ValueError, ZeroDivisionError):
         return None
-    return value if math.isfinite(value) else None
+    return value if abs(value) <= _FLOAT_MAX else None  # beyond float64: unusable
+
+
+_FLOAT_MAX = Fraction(np.finfo(np.float64).max)
+
+
+def _outward(value: Fraction, up: bool) -> float:
+    """The float64 nearest ``value`` on the outside: >= value if ``up``, else <= value."""
+    f = float(value)
+    if up and Fraction(f) < value:
+        f = float(np.nextafter(f, np.inf))
+    elif not up and Fraction(f) > value:
+        f = float(np.nextafter(f, -np.inf))
+    return f
 
 
 def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibProperty:
@@ -791,8 +872,10 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
 
     lower = np.full(n_inputs, -np.inf)
     upper = np.full(n_inputs, np.inf)
+    exact_lower: list[tuple[Fraction, bool] | None] = [None] * n_inputs
+    exact_upper: list[tuple[Fraction, bool] | None] = [None] * n_inputs
     # Output constraint: a conjunction (over assertions) of DNFs; each DNF a list of row lists.
-    output_dnfs: list[list[list[tuple[np.ndarray, float]]]] = []
+    output_dnfs: list[list[list[tuple[np.ndarray, float, bool]]]] = []
 
     def linear(expr: Any, pos: int) -> tuple[dict[tuple[str, int], float], float]:
         """A linear term as ({(kind, index): coefficient}, constant)."""
@@ -806,7 +889,7 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             kind, idx = m.group(1), int(m.group(2))
             if idx not in declared[kind]:
                 raise doc.error(pos, f"undeclared variable {expr}")
-            return {(kind, idx): 1.0}, 0.0
+            return {(kind, idx): Fraction(1)}, Fraction(0)
         if not expr or not isinstance(expr[0], str):
             raise doc.error(expr.pos, "expected a term")
         op, args = expr[0], [linear(a, getattr(a, "pos", pos)) for a in expr[1:]]
@@ -814,16 +897,16 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             raise doc.error(expr.pos, f"({op}) without arguments")
         if op == "+" or (op == "-" and len(args) > 1):
             coefs, const = dict(args[0][0]), args[0][1]
-            sign = 1.0 if op == "+" else -1.0
+            sign = 1 if op == "+" else -1
             for c, k in args[1:]:
                 for var, v in c.items():
-                    coefs[var] = coefs.get(var, 0.0) + sign * v
+                    coefs[var] = coefs.get(var, Fraction(0)) + sign * v
                 const += sign * k
             return coefs, const
         if op == "-":
             return {var: -v for var, v in args[0][0].items()}, -args[0][1]
         if op == "*":
-            coefs, const = {}, 1.0
+            coefs, const = {}, Fraction(1)
             for c, k in args:
                 if c and coefs:
                     raise doc.error(expr.pos, "non-linear product of variables")
@@ -841,14 +924,14 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
                                   "constants)")
 
     def atom_rows(expr: _SList) -> tuple[str | None, list[tuple[dict, float]]]:
-        """(kind 'X'/'Y'/None, rows (coefs, b) meaning coefs . v <= b)."""
+        """(kind 'X'/'Y'/None, rows (coefs, b) meaning coefs . v <= b, or < b for < and >)."""
         op = expr[0]
         if len(expr) != 3:
             raise doc.error(expr.pos, f"({op} ...) needs exactly two arguments")
         (lc, lk), (rc, rk) = linear(expr[1], expr.pos), linear(expr[2], expr.pos)
         diff = dict(lc)
         for var, v in rc.items():
-            diff[var] = diff.get(var, 0.0) - v
+            diff[var] = diff.get(var, Fraction(0)) - v
         diff = {var: v for var, v in diff.items() if v != 0}
         b = rk - lk  # L - R <= 0  <=>  (lc - rc) . v <= rk - lk
         rows: list[tuple[dict, float]]
@@ -863,17 +946,25 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             raise doc.error(expr.pos, "constraint mixes inputs X and outputs Y")
         return (kinds.pop() if kinds else None), rows
 
-    def input_bound(rows: list[tuple[dict, float]], pos: int) -> None:
+    def input_bound(rows: list[tuple[dict, float]], pos: int, strict: bool = False) -> None:
         for coefs, b in rows:
             if len(coefs) != 1:
                 raise doc.error(pos, "input constraints must bound a single X_i by a constant")
             ((_, idx), a), = coefs.items()
+            edge = b / a
+            # The tightest bound wins; at equal values a strict one (X_i < c excludes c).
             if a > 0:
-                upper[idx] = min(upper[idx], b / a)
+                old = exact_upper[idx]
+                if old is None or edge < old[0] or (edge == old[0] and strict):
+                    exact_upper[idx] = (edge, strict)
+                upper[idx] = _outward(exact_upper[idx][0], up=True)
             else:
-                lower[idx] = max(lower[idx], b / a)
+                old = exact_lower[idx]
+                if old is None or edge > old[0] or (edge == old[0] and strict):
+                    exact_lower[idx] = (edge, strict)
+                lower[idx] = _outward(exact_lower[idx][0], up=False)
 
-    def output_dnf(expr: Any) -> list[list[tuple[np.ndarray, float]]]:
+    def output_dnf(expr: Any) -> list[list[tuple[np.ndarray, float, bool]]]:
         if not isinstance(expr, _SList) or not expr or not isinstance(expr[0], str):
             pos = getattr(expr, "pos", None)
             raise doc.error(pos if pos is not None else 0, f"expected a formula, got {expr!r}")
@@ -887,11 +978,12 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
             for coefs, b in rows:
                 a = np.zeros(n_out)
                 for (_, j), v in coefs.items():
-                    a[j] = v
-                dense.append((a, b))
+                    a[j] = float(v)
+                exact = ({j: v for (_, j), v in coefs.items()}, b)
+                dense.append((a, float(b), op in ("<", ">"), exact))
             return [dense]
         if op == "and":
-            result: list[list[tuple[np.ndarray, float]]] = [[]]
+            result: list[list[tuple[np.ndarray, float, bool]]] = [[]]
             for sub in expr[1:]:
                 result = [r + s for r in result for s in output_dnf(sub)]
                 if len(result) > 100_000:
@@ -913,7 +1005,7 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
         if isinstance(expr, _SList) and expr and expr[0] in ("<=", ">=", "<", ">", "="):
             kind, rows = atom_rows(expr)
             if kind == "X":
-                input_bound(rows, expr.pos)
+                input_bound(rows, expr.pos, strict=expr[0] in ("<", ">"))
                 return
             if kind is None:
                 raise doc.error(expr.pos, "constraint without variables")
@@ -933,13 +1025,20 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
         raise doc.error(None, f"missing {which} bound for X_{first} ({count} input variables "
                               "without both bounds)")
     empty = np.flatnonzero(lower > upper)
+    empty_exact = [i for i, (lo, up) in enumerate(zip(exact_lower, exact_upper))
+                   if lo[0] > up[0] or (lo[0] == up[0] and (lo[1] or up[1]))]
+    if empty_exact and not len(empty):
+        i = empty_exact[0]
+        raise doc.error(None, f"empty input box: X_{i} in {'(' if exact_lower[i][1] else '['}"
+                              f"{float(exact_lower[i][0])}, {float(exact_upper[i][0])}"
+                              f"{')' if exact_upper[i][1] else ']'}")
     if len(empty):
         i = int(empty[0])
         raise doc.error(None, f"empty input box: X_{i} in [{lower[i]}, {upper[i]}]")
     if not output_dnfs:
         raise doc.error(None, "no assertion over the outputs Y")
 
-    dnf: list[list[tuple[np.ndarray, float]]] = [[]]
+    dnf: list[list[tuple[np.ndarray, float, bool]]] = [[]]
     for part in output_dnfs:
         dnf = [r + s for r in dnf for s in part]
         if len(dnf) > 100_000:
@@ -948,11 +1047,14 @@ def load_vnnlib(path: str | Path, input_shape: tuple[int, ...]) -> VnnlibPropert
     for rows in dnf:
         a = np.array([r[0] for r in rows], np.float64).reshape(len(rows), n_out)
         b = np.array([r[1] for r in rows], np.float64)
+        strict = np.array([r[2] for r in rows], bool)
         a.flags.writeable = False
         b.flags.writeable = False
-        disjuncts.append(Disjunct(a, b))
+        strict.flags.writeable = False
+        disjuncts.append(Disjunct(a, b, strict, tuple(r[3] for r in rows)))
     lower = lower.reshape(input_shape)
     upper = upper.reshape(input_shape)
     lower.flags.writeable = False
     upper.flags.writeable = False
-    return VnnlibProperty(lower, upper, tuple(disjuncts))
+    exact_box = tuple((lo[0], up[0], lo[1], up[1]) for lo, up in zip(exact_lower, exact_upper))
+    return VnnlibProperty(lower, upper, tuple(disjuncts), exact_box)

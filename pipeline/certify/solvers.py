@@ -18,9 +18,12 @@ size-limited licence refusing the model with error 10010) the very same problem 
 rebuilt for HiGHS (highspy), which is the default backend.
 
 Soundness contract: ``SolveResult.bound`` is always a valid lower bound on the
-minimum (the MIP dual bound, or the optimal value of an LP solved to optimality, or
--inf when nothing is known; +inf only when the solver proved infeasibility).  Solver
-trouble never raises: it is reported as status ``"error"``.
+minimum: for a MIP the solver's dual bound (Gurobi ObjBound, HiGHS mip_dual_bound);
+for an LP never the primal objective but the bound the solver's dual solution proves
+(:func:`lp_dual_bound`, weak duality evaluated in float64 with outward rounding, valid
+for any dual vector, so also at an iteration or time limit); -inf when nothing is
+known; +inf only when the solver proved infeasibility.  Solver trouble never raises:
+it is reported as status ``"error"``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 Status = Literal[
-    "optimal", "stopped_positive", "stopped_negative", "time_limit", "infeasible", "error"
+    "optimal", "stopped_positive", "stopped_negative", "time_limit", "iteration_limit",
+    "infeasible", "error"
 ]
 SolverName = Literal["highs", "gurobi", "auto"]
 
@@ -271,6 +275,63 @@ class SolveResult:
 
 
 # --------------------------------------------------------------------------------------
+# Bounds proved by a dual solution
+# --------------------------------------------------------------------------------------
+
+
+def lp_dual_bound(c: _Compiled, y: np.ndarray) -> float:
+    """A lower bound on min cost·x + constant s.t. row_lower <= A x <= row_upper,
+    lower <= x <= upper that any row multipliers ``y`` prove (weak duality).
+
+    For every feasible x: cost·x = (cost - A^T y)·x + y·(A x), and y_i (A x)_i >= y_i
+    row_lower_i for y_i > 0 (row_upper_i for y_i < 0); the first term is at least its
+    minimum over the box. A multiplier whose side of the row is infinite is dropped
+    (set to 0). Everything is evaluated in float64 with outward rounding: the reduced
+    costs as intervals of the summation's error bound, the final sum lowered by its
+    own. Solvers differ in the sign convention of their duals, so both signs of ``y``
+    are tried (each gives a valid bound). -inf when no finite bound follows.
+    """
+    y = np.asarray(y, np.float64).reshape(-1)
+    if y.size != c.a.shape[0] or not np.all(np.isfinite(y)):
+        return -math.inf
+    return max(_dual_bound_one(c, y), _dual_bound_one(c, -y))
+
+
+_U64 = 2.0 ** -53
+
+
+def _gamma64(n: int) -> float:
+    return n * _U64 / (1 - n * _U64)
+
+
+def _dual_bound_one(c: _Compiled, y: np.ndarray) -> float:
+    y = np.where((y > 0) & ~np.isfinite(c.row_lower), 0.0, y)
+    y = np.where((y < 0) & ~np.isfinite(c.row_upper), 0.0, y)
+    with np.errstate(invalid="ignore", over="ignore"):
+        row_terms = np.where(y > 0, y * c.row_lower, np.where(y < 0, y * c.row_upper, 0.0))
+        a = c.a.tocsc()
+        k = int(np.diff(a.indptr).max()) if a.shape[1] and a.nnz else 0
+        reduced = c.cost - a.T @ y
+        # |fl(cost - A^T y) - (cost - A^T y)| <= γ_{k+1} (|cost| + |A|^T |y|)
+        err = _gamma64(k + 2) * (np.abs(c.cost) + abs(a).T @ np.abs(y))
+        # ... and the subtraction/addition of err below rounds once more.
+        err = err * (1 + 2.0 ** -40) + 2 * _U64 * np.abs(reduced) + 2.0 ** -1000
+        r_lo, r_hi = reduced - err, reduced + err
+        corners = np.stack([r_lo * c.lower, r_lo * c.upper, r_hi * c.lower, r_hi * c.upper])
+        # 0 * inf: that endpoint of the reduced cost is exactly 0, so is its product.
+        corners = np.where(np.isnan(corners), 0.0, corners)
+        col_terms = corners.min(0)
+    terms = np.concatenate([row_terms, col_terms, [c.constant]])
+    if not np.all(np.isfinite(terms)):
+        return -math.inf
+    total = float(math.fsum(terms))  # correctly rounded
+    # Each product above was rounded once (relative u); fsum rounds once more.
+    slack = _gamma64(2) * float(np.abs(terms).sum()) * (1 + 2.0 ** -40) + 2.0 ** -1000
+    bound = float(np.nextafter(total - slack, -np.inf))
+    return bound if math.isfinite(bound) else -math.inf
+
+
+# --------------------------------------------------------------------------------------
 # Gurobi availability
 # --------------------------------------------------------------------------------------
 
@@ -367,8 +428,13 @@ def solve(
     stop_when_bound_above: float | None = None,
     stop_when_value_below: float | None = None,
     threads: int = 1,
+    iteration_limit: int | None = None,
 ) -> SolveResult:
     """Minimise ``problem``.
+
+    ``iteration_limit`` caps the simplex iterations of an LP (HiGHS
+    simplex_iteration_limit, Gurobi IterationLimit); the bound then comes from the
+    dual solution reached (status "iteration_limit").
 
     Early termination (MIPs only; an LP is simply solved): with
     ``stop_when_bound_above=t`` the search stops as soon as the dual bound exceeds t
@@ -383,7 +449,7 @@ def solve(
         return SolveResult("error", -math.inf, None, str(solver), time.perf_counter() - t0,
                            f"could not assemble problem: {exc}")
     args = (compiled, float(time_limit_s), stop_when_bound_above, stop_when_value_below,
-            int(threads))
+            int(threads), iteration_limit)
 
     if solver not in ("highs", "gurobi", "auto"):
         return SolveResult("error", -math.inf, None, str(solver), 0.0,
@@ -461,6 +527,7 @@ def _solve_highs(
     stop_bound: float | None,
     stop_value: float | None,
     threads: int,
+    iteration_limit: int | None = None,
 ) -> SolveResult:
     try:
         import highspy
@@ -476,6 +543,8 @@ def _solve_highs(
             h.setOptionValue("time_limit", max(float(time_limit_s), 0.0))
         h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
         h.setOptionValue("mip_abs_gap", MIP_ABS_GAP)
+        if iteration_limit is not None:
+            h.setOptionValue("simplex_iteration_limit", int(iteration_limit))
 
         n, m = c.lower.size, c.a.shape[0]
         if n:
@@ -537,6 +606,9 @@ def _solve_highs(
 
         ms = h.getModelStatus()
         info = h.getInfo()
+        lp_bound = -math.inf
+        if not is_mip and info.dual_solution_status != highspy.SolutionStatus.kSolutionStatusNone:
+            lp_bound = lp_dual_bound(c, np.asarray(h.getSolution().row_dual, np.float64))
     except Exception as exc:
         return SolveResult("error", -math.inf, None, "highs", 0.0, f"HiGHS raised: {exc}")
 
@@ -552,9 +624,8 @@ def _solve_highs(
     if ms == MS.kOptimal:
         if is_mip:
             return SolveResult("optimal", mip_bound, value, "highs", 0.0, msg, solution)
-        # LP solved to optimality: the optimal objective is the bound.
-        return SolveResult("optimal", value if value is not None else -math.inf, value,
-                           "highs", 0.0, msg, solution)
+        # LP solved to optimality: the bound its dual solution proves (not the objective).
+        return SolveResult("optimal", lp_bound, value, "highs", 0.0, msg, solution)
     if ms == MS.kModelEmpty:
         # No rows and no columns: the minimum is the constant.
         return SolveResult("optimal", c.constant, c.constant, "highs", 0.0, msg, solution)
@@ -569,7 +640,10 @@ def _solve_highs(
             value = state["value"]
         return SolveResult("stopped_negative", mip_bound, value, "highs", 0.0, msg, solution)
     if ms == MS.kTimeLimit:
-        return SolveResult("time_limit", mip_bound, value, "highs", 0.0, msg, solution)
+        return SolveResult("time_limit", mip_bound if is_mip else lp_bound, value, "highs", 0.0,
+                           msg, solution)
+    if ms == MS.kIterationLimit and not is_mip:
+        return SolveResult("iteration_limit", lp_bound, value, "highs", 0.0, msg, solution)
     # Unbounded, unbounded-or-infeasible, iteration limit, solver failure...: claim
     # nothing (no bound, no incumbent) so that no caller can mistake it for a result.
     return SolveResult("error", -math.inf, None, "highs", 0.0,
@@ -621,6 +695,7 @@ def _solve_gurobi(
     stop_bound: float | None,
     stop_value: float | None,
     threads: int,
+    iteration_limit: int | None = None,
 ) -> SolveResult:
     """Solve with Gurobi; raise _GurobiFallback whenever HiGHS should take over."""
     try:
@@ -641,6 +716,8 @@ def _solve_gurobi(
             model.Params.TimeLimit = max(float(time_limit_s), 0.0)
         model.Params.MIPGap = MIP_REL_GAP
         model.Params.MIPGapAbs = MIP_ABS_GAP
+        if iteration_limit is not None:
+            model.Params.IterationLimit = float(iteration_limit)
 
         n = c.lower.size
         vtype = np.where(c.integer, GRB.INTEGER, GRB.CONTINUOUS)
@@ -657,9 +734,10 @@ def _solve_gurobi(
                 parts.append(c.a[rows])
                 senses.append(np.full(rows.size, sense))
                 rhs.append(bounds[rows])
+        stacked = None
         if parts:
-            model.addMConstr(sp.vstack(parts, format="csr"), x,
-                             np.concatenate(senses), np.concatenate(rhs))
+            stacked = sp.vstack(parts, format="csr")
+            model.addMConstr(stacked, x, np.concatenate(senses), np.concatenate(rhs))
         model.setObjective(c.cost @ x + c.constant, GRB.MINIMIZE)
 
         callback = None
@@ -706,9 +784,25 @@ def _solve_gurobi(
             except Exception:
                 return -math.inf
 
+        def lp_bound() -> float:
+            """The bound Gurobi's duals (Pi, one per row of the stacked system) prove."""
+            try:
+                pi = np.asarray(model.Pi, np.float64) if stacked is not None else np.zeros(0)
+            except Exception:
+                return -math.inf
+            inf = np.full(ge.size + le.size, np.inf)
+            lo = np.concatenate([c.row_lower[eq], c.row_lower[ge], -inf[:le.size]])
+            up = np.concatenate([c.row_lower[eq], inf[:ge.size], c.row_upper[le]])
+            a = stacked if stacked is not None else sp.csr_matrix((0, n))
+            return lp_dual_bound(_Compiled(c.lower, c.upper, c.integer, c.priority, a, lo, up,
+                                           c.cost, c.constant), pi)
+
         if status == GRB.OPTIMAL:
-            bound = mip_bound() if is_mip else (value if value is not None else -math.inf)
+            bound = mip_bound() if is_mip else lp_bound()
             return SolveResult("optimal", bound, value, "gurobi", 0.0, "optimal", solution)
+        if status == GRB.ITERATION_LIMIT and not is_mip:
+            return SolveResult("iteration_limit", lp_bound(), value, "gurobi", 0.0,
+                               "iteration limit", solution)
         if status == GRB.INFEASIBLE:
             return SolveResult("infeasible", math.inf, None, "gurobi", 0.0, "infeasible", solution)
         if status == GRB.INTERRUPTED and state["why"] == "positive":
@@ -720,7 +814,7 @@ def _solve_gurobi(
             return SolveResult("stopped_negative", mip_bound(), value, "gurobi", 0.0,
                                "interrupted: incumbent below threshold", solution)
         if status == GRB.TIME_LIMIT:
-            bound = mip_bound() if is_mip else -math.inf
+            bound = mip_bound() if is_mip else lp_bound()
             return SolveResult("time_limit", bound, value, "gurobi", 0.0, "time limit", solution)
         # Unbounded, numerical trouble, ...: claim nothing (see the HiGHS backend).
         names = {GRB.UNBOUNDED: "unbounded", GRB.NUMERIC: "numerical trouble",
