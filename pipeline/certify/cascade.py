@@ -337,6 +337,8 @@ class Certifier:
         self.encoder = MilpEncoder(cpu64)
         # Most inputs per batch of the cascade's batched stages (the memory cap may lower it).
         self.max_batch = 64
+        # Per ReLU block, the most crossing neurons one input has had so far (sizes chunks).
+        self._crossing_seen: dict[int, int] = {}
 
     # -- public entry points -------------------------------------------------------------------
 
@@ -413,12 +415,13 @@ class Certifier:
             if not 0 <= v < self.n_outputs:
                 raise CertifyError(f"label {v} outside 0..{self.n_outputs - 1}")
         out: list[CertifyResult | OpenInput] = []
-        chunk = self._chunk_size()
-        for s in range(0, len(labels), chunk):
-            part = slice(s, s + chunk)
+        s = 0
+        while s < len(labels):
+            part = slice(s, s + self._chunk_size())  # sized by the zonotopes seen so far
             lower, upper = input_box(x64[part], eps)
             spec = Spec.robustness(torch.tensor(labels[part]), self.n_outputs)
             out += self._front(x64[part], lower, upper, spec, indices[part], labels[part])
+            s = part.stop
         if finish:
             out = [r if isinstance(r, CertifyResult) else self.finish(r) for r in out]
         return out
@@ -529,6 +532,7 @@ class Certifier:
         r = torch.as_tensor(rows, device=self.device)
         with torch.no_grad():
             run = run_zonotope(self.net64, lower[r], upper[r], compression=self.compression)
+            self._note_crossing(run)
             tau[torch.as_tensor(rows)] = \
                 self._threshold(lower[r], upper[r], run, spec.select(r)).cpu()
             ok = record(rows, spec.select(r).lower(run.element))
@@ -1043,15 +1047,29 @@ class Certifier:
         err = fp_error.output_error(self.net64, lower, upper, run.pre_bounds, self.precision)
         return fp_error.margin_threshold(err, spec.A, spec.b, spec.owner, spec.n_disjuncts)
 
+    def _note_crossing(self, run: ZonotopeRun) -> None:
+        for r, (lo, up) in run.pre_bounds.items():
+            n = int(((lo < 0) & (up > 0)).flatten(1).sum(1).max()) if lo.shape[0] else 0
+            self._crossing_seen[r] = max(self._crossing_seen.get(r, 0), n)
+
     def _chunk_size(self) -> int:
         """Inputs per zonotope batch so that the generator tensors stay within the budget
-        (with autograd for the slopes, about 4 copies of the largest one)."""
+        (with autograd for the slopes, about 4 copies of the largest one). Before any input
+        has run, a quarter of all ReLUs are assumed to cross; then twice the most generators
+        a zonotope has had (new generators come only from crossing ReLUs)."""
         shapes = self.net64.shapes()
         widest = max(int(np.prod(s)) for s in shapes)
         n_in = int(np.prod(self.input_shape))
         gens = (self.compression.n_colors if self.compression else n_in)
         gens += sum(int(np.prod(shapes[r])) for r in self.relu_indices) // 4
         per_input = 8 * 4 * gens * widest
+        if self._crossing_seen:
+            # Generators after block i: the input's (or colours) plus one per crossing ReLU up to
+            # i; twice the most seen, as the next inputs may cross more.
+            base = self.compression.n_colors if self.compression else n_in
+            per_input = max(8 * 4 * int(np.prod(shape)) * (base + 2 * sum(
+                c for r, c in self._crossing_seen.items() if r <= i))
+                for i, shape in enumerate(shapes[1:]))
         return max(1, min(self.max_batch, ZONOTOPE_MEMORY_BUDGET // max(per_input, 1)))
 
 

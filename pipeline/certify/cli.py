@@ -221,9 +221,10 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
     pool = None  # started at the first input that needs LP/MILP
     futures: dict[int, Any] = {}
     try:
-        chunk = certifier._chunk_size()
-        for s in range(0, len(todo), chunk):
-            part = todo[s: s + chunk]
+        s = 0
+        while s < len(todo):
+            part = todo[s: s + certifier._chunk_size()]
+            s += len(part)
             images = torch.stack([torch.as_tensor(dataset[i][0]) for i in part])
             labels = torch.tensor([int(dataset[i][1]) for i in part])
             for item in certifier.certify_batch(images, labels, eps, part, finish=False):
