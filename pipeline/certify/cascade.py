@@ -22,8 +22,8 @@ A counterexample counts only after a forward pass in the model's own precision (
 for a DOUBLE ONNX model) on a point of that precision inside the box satisfies the property exactly
 (strict rows strictly); a certificate only when every label's float64 (or solver-proved) lower
 bound exceeds the bound of :mod:`pipeline.certify.fp_error` on the floating-point error of that
-input's computation (plus ``margin_tolerance`` for solver-proved bounds). Ties: robustness means the
-label's logit is strictly above every other; a tie is a counterexample and never certified.
+input's computation (plus ``margin_tolerance`` for solver-proved bounds). Ties: robustness means
+the label's logit is strictly above every other; a tie is a counterexample and never certified.
 Non-finite inputs, weights or bounds are never certified; a timeout is "unknown".
 
     certifier = Certifier(net, CertifyConfig())

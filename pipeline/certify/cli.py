@@ -626,5 +626,6 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-__all__ = ["certify_dataset", "certify_vnnlib", "vnncomp_result", "write_atomically", "main", "read_results", "summarize",
+__all__ = ["certify_dataset", "certify_vnnlib", "vnncomp_result", "write_atomically", "main",
+           "read_results", "summarize",
            "format_summary", "load_project_checkpoint", "ResultsFileError"]
