@@ -11,7 +11,8 @@
     python -m pipeline.certify --model net.onnx --vnnlib spec.vnnlib.gz --timeout-per-input 300 \
         --results out.txt
 
-One JSON line per input (index, label, predicted, status, method, time_s, counterexample for
+Inputs go through the cascade's cheap stages in batches (attack, zonotope, slopes); those left
+open take LP and MILP in ``--workers`` processes (default: one per core). One JSON line per input (index, label, predicted, status, method, time_s, counterexample for
 falsified, per-label bounds) is appended to ``--out`` with flush + fsync; inputs already in the file
 are skipped, so a killed run resumes (a torn last line is dropped). ``--retry-unknown`` runs the
 inputs the file holds as unknown again, as COLT's certification scripts do in later "tries" with
