@@ -908,7 +908,8 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
     quick attack, zonotope and slopes on batches (chunked to the memory cap), the full attack on
     the inputs still open, then (``cfg.lp_refine``, ``cfg.milp``) LP and MILP per input; input i
     (counted from 0) gets the verdict ``Certifier.certify(x_i, y_i, eps, index=i)`` gives it.
-    ``per_image``: {"nat", "pgd", "cert"} -> lists of n bools, one per input in order (JSON-ready).
+    ``per_image``: {"nat", "pgd", "cert"} -> lists of n bools (:class:`PerImage`, JSON-ready, with a
+    tensor's ``tolist()``), one per input in order, for paired comparisons of trials.
     """
     cfg = cfg or CertifyConfig()
     if not eps >= 0:
@@ -926,11 +927,19 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
             per_image[k].append(out[k].cpu())
     n = max(counts["n"], 1)
     # Per-image outcomes, in input order, for paired comparisons of trials on the same images.
-    # Plain lists of bools: the scores dict is stored as JSON (Optuna user attributes).
-    per = {k: [bool(b) for t in v for b in t.tolist()] for k, v in per_image.items()}
+    # Lists of bools (JSON-ready: the scores dict may be stored as Optuna user attributes) that
+    # also answer .tolist() as a tensor would.
+    per = {k: PerImage(bool(b) for t in v for b in t.tolist()) for k, v in per_image.items()}
     return {**counts, "nat_acc": counts["nat"] / n, "pgd_acc": counts["pgd"] / n,
             "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0,
             "per_image": per}
+
+
+class PerImage(list):
+    """Per-image outcomes of :func:`certified_accuracy`: a list of bools with ``tolist()``."""
+
+    def tolist(self) -> list[bool]:
+        return list(self)
 
 
 def _batches(data: Any, batch_size: int, max_inputs: int | None
