@@ -39,6 +39,7 @@ Typical use::
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import tarfile
 import zlib
@@ -46,7 +47,7 @@ from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -545,7 +546,8 @@ class Loaders:
 
 
 def make_loaders(cfg: DataConfig, batch_size: int, seed: int, *, use_validation: bool = True,
-                 test_batch_size: int | None = None) -> Loaders:
+                 test_batch_size: int | None = None,
+                 device: str | torch.device | None = None) -> Loaders:
     """Training, validation and (lazy) test loaders for ``cfg``.
 
     With ``use_validation`` the training loader covers the training set minus the seeded
@@ -554,7 +556,9 @@ def make_loaders(cfg: DataConfig, batch_size: int, seed: int, *, use_validation:
     ``valid``/``split`` are None. The training loader shuffles with a ``torch.Generator``
     seeded from ``seed`` and drops the last incomplete batch (as COLT); validation and test
     loaders keep the order and every item. CIFAR-10 training images are augmented (unless
-    ``cfg.augment`` is false); validation and test images never are.
+    ``cfg.augment`` is false); validation and test images never are. For a CUDA ``device``
+    the loaders pin memory (so ``.to(device, non_blocking=True)`` overlaps) and, when
+    ``cfg.num_workers`` is 0, use ``CUDA_LOADER_WORKERS`` worker processes (persistent).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}: must be >= 1")
@@ -583,17 +587,33 @@ def make_loaders(cfg: DataConfig, batch_size: int, seed: int, *, use_validation:
         raise ConfigError(f"batch_size = {batch_size}: larger than the {len(train_set)} "
                           f"training images of {cfg.dataset}")
 
+    opts = _loader_options(cfg, device)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                              generator=generator, num_workers=cfg.num_workers)
+                              generator=generator, **opts)
+    if valid_loader is not None and opts["pin_memory"]:
+        valid_loader = _loader(valid_loader.dataset, eval_batch, cfg, device)
 
     def test_factory() -> DataLoader:
-        return _loader(load_split(cfg, "test"), eval_batch, cfg)
+        return _loader(load_split(cfg, "test"), eval_batch, cfg, device)
 
     return Loaders(train=train_loader, valid=valid_loader, split=split, info=info,
                    _test_factory=test_factory)
 
 
-def _loader(dataset: Dataset, batch_size: int, cfg: DataConfig) -> DataLoader:
+# Loader worker processes on CUDA when the config leaves num_workers at 0 (CPU runs keep 0: the
+# tensors are in memory already and workers would compete with the training threads).
+CUDA_LOADER_WORKERS = 4
+
+
+def _loader_options(cfg: DataConfig, device: str | torch.device | None) -> dict[str, Any]:
+    cuda = device is not None and torch.device(device).type == "cuda"
+    workers = cfg.num_workers or (min(CUDA_LOADER_WORKERS, os.cpu_count() or 1) if cuda else 0)
+    return {"num_workers": workers, "pin_memory": cuda,
+            "persistent_workers": cuda and workers > 0}
+
+
+def _loader(dataset: Dataset, batch_size: int, cfg: DataConfig,
+            device: str | torch.device | None = None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                      num_workers=cfg.num_workers)
+                      **_loader_options(cfg, device))

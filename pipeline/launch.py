@@ -20,7 +20,7 @@ import optuna
 
 from pipeline.config import to_dict
 from pipeline.study import StudyFile
-from pipeline.train import load_trained_net, train
+from pipeline.train import load_trained_net, resolve_device, train
 from pipeline.tune import VAL_CERT, VAL_NAT, best_trial, open_storage
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ def launch(study_file: StudyFile, storage_url: str, trial_number: int | None = N
     train(cfg, run_dir, full_train_set=True)
     net, _ = load_trained_net(run_dir / "last.pt")
     results = run_dir / "certify_test.jsonl"
-    summary = certify_dataset(net, cfg.data, "test", cfg.eps, study_file.certify_test, results)
+    # Certification runs where training did (--device, else the config's), not on "auto".
+    summary = certify_dataset(net, cfg.data, "test", cfg.eps, study_file.certify_test, results,
+                              device=str(resolve_device(cfg.device)))
     entry = {
         "trial": trial.number,
         "val_nat_acc": trial.user_attrs.get(VAL_NAT),

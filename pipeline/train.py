@@ -112,7 +112,17 @@ def relu_stability(lower: Tensor, upper: Tensor) -> Tensor:
 @dataclass
 class StepResult:
     loss: Tensor
-    stats: dict[str, float]
+    # 0-d tensors on the batch's device: the hot loop sums them there and syncs once per
+    # logging interval; ``stats`` (floats) syncs at once.
+    tensors: dict[str, Tensor]
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.tensors.items()}
+
+
+# Steps between host syncs of the hot loop (divergence check, progress bar statistics).
+LOG_EVERY = 20
 
 
 def colt_step(net: Net, x: Tensor, y: Tensor, cfg: TrainConfig, stage: int, kappa: float
@@ -166,13 +176,12 @@ def colt_step(net: Net, x: Tensor, y: Tensor, cfg: TrainConfig, stage: int, kapp
     l1 = l1_norm(net)
     loss = kappa * adv + (1 - kappa) * padv + cfg.l1_reg * l1 + kappa * stable_weight * stable
     stats = {
-        "loss": loss.item(), "nat_loss": nat.item(), "adv_loss": adv.item(),
-        "prev_adv_loss": padv.item(), "l1": l1.item(), "stable_loss": float(stable.detach()),
-        "nat_acc": (logits.argmax(1) == y).float().mean().item(),
-        "adv_acc": (adv_logits.argmax(1) == y).float().mean().item(),
-        "unstable_relus": float(unstable),
+        "loss": loss, "nat_loss": nat, "adv_loss": adv, "prev_adv_loss": padv, "l1": l1,
+        "stable_loss": stable, "nat_acc": (logits.argmax(1) == y).float().mean(),
+        "adv_acc": (adv_logits.argmax(1) == y).float().mean(),
+        "unstable_relus": torch.as_tensor(unstable, device=x.device),
     }
-    return StepResult(loss, stats)
+    return StepResult(loss, {k: v.detach().to(x.device) for k, v in stats.items()})
 
 
 @dataclass
@@ -218,7 +227,7 @@ def train(cfg: TrainConfig, run_dir: str | Path,
     validate_layers(cfg, net)
     if loaders is None:
         loaders = make_loaders(cfg.data, cfg.batch_size, cfg.seed,
-                               use_validation=not full_train_set)
+                               use_validation=not full_train_set, device=device)
     n_train = len(loaders.train.dataset)
     iters = len(loaders.train)
     if iters == 0:
@@ -266,7 +275,7 @@ def train(cfg: TrainConfig, run_dir: str | Path,
             # Shuffling depends only on (seed, global epoch), so a resumed run sees the same order.
             if getattr(loaders.train, "generator", None) is not None:
                 loaders.train.generator.manual_seed(cfg.seed * 100_003 + global_epoch)
-            sums: dict[str, float] = {}
+            sums: dict[str, Tensor] = {}
             seen = 0
             start = time.perf_counter()
             net.train()
@@ -274,24 +283,32 @@ def train(cfg: TrainConfig, run_dir: str | Path,
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 kappa = kappa_at(epoch * iters + i, cfg.batch_size, n_train, cfg.mix_epochs)
                 result = colt_step(net, x, y, cfg, stage, kappa)
-                if not math.isfinite(result.stats["loss"]):
-                    raise DivergedError(f"loss is {result.stats['loss']} at stage {stage} "
-                                        f"epoch {epoch} batch {i}")
+                # The statistics stay on the device; the host syncs once per LOG_EVERY steps.
+                last_step = i == iters - 1
+                if i % LOG_EVERY == 0 or last_step:
+                    stats = result.stats
+                    if not math.isfinite(stats["loss"]):
+                        raise DivergedError(f"loss is {stats['loss']} at stage {stage} "
+                                            f"epoch {epoch} batch {i}")
+                    bar.set_postfix(stage=stage, loss=f"{stats['loss']:.3f}",
+                                    adv_acc=f"{stats['adv_acc']:.2f}")
                 optimizer.zero_grad(set_to_none=True)
                 result.loss.backward()
                 optimizer.step()
-                for k, v in result.stats.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(y)
+                for k, v in result.tensors.items():
+                    sums[k] = sums[k] + v * len(y) if k in sums else v * len(y)
                 seen += len(y)
                 bar.update(1)
-                bar.set_postfix(stage=stage, loss=f"{result.stats['loss']:.3f}",
-                                adv_acc=f"{result.stats['adv_acc']:.2f}")
+            sums_host = {k: float(v) for k, v in sums.items()}
+            if not all(math.isfinite(v) for v in sums_host.values()):
+                raise DivergedError(f"non-finite statistics at stage {stage} epoch {epoch}: "
+                                    f"{sums_host}")
             elapsed = time.perf_counter() - start
             epoch += 1
             metrics = {
                 "stage": stage, "epoch": epoch - 1, "global_epoch": global_epoch,
                 "lr": lr_at(cfg, stage, epoch - 1), "eps": cfg.stage_eps(stage), "kappa": kappa,
-                **{k: v / max(seen, 1) for k, v in sums.items()},
+                **{k: v / max(seen, 1) for k, v in sums_host.items()},
                 "time_s": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
             }
             append_jsonl(run_dir / "metrics.jsonl", metrics)

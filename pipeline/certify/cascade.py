@@ -1,4 +1,5 @@
-"""COLT's certification cascade, one input at a time, and a batched cheap version for tuning.
+"""COLT's certification cascade, batched: the cheap stages on many inputs at once, LP and MILP
+per input.
 
 Per input (reference §4.1, reordered so that the common case is cheap):
 
@@ -40,7 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.certify import fp_error
+# The result and property types live in spec.py; re-exported here for existing imports.
+from pipeline.certify.spec import (  # noqa: F401
+    METHODS,
+    STATUSES,
+    CertifyError,
+    CertifyResult,
+    Spec,
+    vnn_answer,
+)
 from pipeline.certify.milp import (
     EncodingError,
     GeneratorCompression,
@@ -59,202 +69,16 @@ from pipeline.certify.milp import (
     solve_disjunct,
 )
 from pipeline.config import CertifyConfig
-from pipeline.domains.zonotope import Zonotope, input_box
+from pipeline.domains.zonotope import input_box
 from pipeline.nets import Net
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("certified", "falsified", "unknown", "misclassified")
-# Deciding stages, in cascade order ("nonfinite": NaN/inf in the input, weights or bounds).
-METHODS = ("clean", "pgd", "zonotope", "zonotope_slopes", "lp", "milp", "timeout", "nonfinite")
-# Memory a batch of zonotopes (certified_accuracy) may take, in bytes.
+# Memory a batch of zonotopes (certify_batch, certified_accuracy) may take, in bytes.
 ZONOTOPE_MEMORY_BUDGET = 1 << 30
-
-
-class CertifyError(ValueError):
-    """An input that does not fit the network (shape), an empty box or a negative ε."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class CertifyResult:
-    """The outcome for one input. ``bounds`` maps each adversarial label (or disjunct index of a
-    general property) to the best proved lower bound of its margin."""
-
-    index: int
-    label: int
-    predicted: int
-    status: str = "unknown"
-    method: str = ""
-    time_s: float = 0.0
-    counterexample: list[float] | None = None
-    bounds: dict[int, float] = field(default_factory=dict)
-    stage_times: dict[str, float] = field(default_factory=dict)
-    message: str = ""
-    outputs: list[float] | None = None  # the model's outputs at the counterexample (VNN-LIB)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": self.index, "label": self.label,
-                               "predicted": self.predicted, "status": self.status,
-                               "method": self.method, "time_s": round(self.time_s, 4)}
-        if self.status == "falsified":
-            out["counterexample"] = self.counterexample
-        out["bounds"] = {str(k): (v if math.isfinite(v) else None)
-                         for k, v in sorted(self.bounds.items())}
-        out["stages"] = {k: round(v, 4) for k, v in self.stage_times.items()}
-        if self.message:
-            out["message"] = self.message
-        return out
-
-
-def vnn_answer(result: CertifyResult) -> str:
-    """VNN-COMP's answer: sat (a counterexample), unsat (verified), timeout or unknown."""
-    if result.status in ("falsified", "misclassified") and result.counterexample is not None:
-        return "sat"
-    if result.status == "certified":
-        return "unsat"
-    return "timeout" if result.method == "timeout" else "unknown"
-
-
-# ---------------------------------------------------------------------------------------------
-# Properties
-
-
-@dataclass
-class Spec:
-    """Unsafe outputs: the union over disjuncts k of {y : A_i y <= b_i for every row i of k}.
-
-    Rows of all disjuncts are stacked: ``A`` (R, n) or per input (B, R, n), ``b`` (R,) or (B, R),
-    ``owner`` (R,) the disjunct of each row. A disjunct's margin is max_i (A_i y - b_i): the point
-    is safe for it iff the margin is > 0. ``strict``: a counterexample needs a margin < 0 rather
-    than <= 0; ``row_strict`` (R,) sets it per row (VNN-LIB's < and > atoms). Robustness uses
-    non-strict rows: a tie with another label is a counterexample.
-    """
-
-    A: Tensor
-    b: Tensor
-    owner: Tensor
-    n_disjuncts: int
-    strict: bool
-    labels: Tensor | None = None  # (B,) for robustness (enables the CE attack loss)
-    names: list[int] | None = None  # per disjunct: the adversarial label (single input)
-    row_strict: Tensor | None = None  # (R,) bool; None: ``strict`` for every row
-
-    @classmethod
-    def robustness(cls, labels: Tensor, n_classes: int, strict: bool = False) -> "Spec":
-        """Disjunct k of input b: y_{a_k} >= y_{label_b}, for the labels a_k != label_b."""
-        labels = labels.reshape(-1).to(torch.int64).cpu()
-        bsz = labels.shape[0]
-        eye = torch.eye(n_classes, dtype=torch.float64)
-        others = torch.stack([torch.tensor([a for a in range(n_classes) if a != int(y)])
-                              for y in labels])  # (B, n-1)
-        A = eye[labels].unsqueeze(1) - eye[others]  # (B, n-1, n): e_y - e_a
-        names = others[0].tolist() if bsz == 1 else None
-        return cls(A, torch.zeros(bsz, n_classes - 1, dtype=torch.float64),
-                   torch.arange(n_classes - 1), n_classes - 1, strict, labels, names)
-
-    @classmethod
-    def disjunctive(cls, disjuncts: Iterable[Any], strict: bool = False) -> "Spec":
-        """From (A, b) pairs or objects with ``.A``/``.b`` (VNN-LIB disjuncts)."""
-        rows, offsets, owner, stricts = [], [], [], []
-        for k, d in enumerate(disjuncts):
-            a, b = (d.A, d.b) if hasattr(d, "A") else d
-            a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_1d(np.asarray(b, float))
-            rows.append(a)
-            offsets.append(b)
-            owner += [k] * len(a)
-            st = getattr(d, "strict", None)
-            stricts.append(np.full(len(a), strict) if st is None else np.asarray(st, bool))
-        if not rows:
-            raise CertifyError("the property has no disjunct")
-        return cls(torch.as_tensor(np.concatenate(rows)), torch.as_tensor(np.concatenate(offsets)),
-                   torch.as_tensor(owner, dtype=torch.int64), len(rows), strict, None,
-                   list(range(len(rows))), torch.as_tensor(np.concatenate(stricts)))
-
-    def to(self, device: torch.device) -> "Spec":
-        return Spec(self.A.to(device), self.b.to(device), self.owner.to(device), self.n_disjuncts,
-                    self.strict, None if self.labels is None else self.labels.to(device),
-                    self.names, None if self.row_strict is None else self.row_strict.to(device))
-
-    def select(self, idx: Tensor) -> "Spec":
-        """The spec of a subset of the inputs (per-input A/b only)."""
-        if self.A.dim() == 2:
-            return self
-        return Spec(self.A[idx], self.b[idx], self.owner, self.n_disjuncts, self.strict,
-                    None if self.labels is None else self.labels[idx], self.names,
-                    self.row_strict)
-
-    def disjunct(self, k: int, item: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        rows = (self.owner == k).nonzero().reshape(-1)
-        a = self.A if self.A.dim() == 2 else self.A[item]
-        b = self.b if self.b.dim() == 1 else self.b[item]
-        return a[rows].cpu().numpy(), b[rows].cpu().numpy()
-
-    def _reduce(self, rows: Tensor) -> Tensor:
-        out = torch.full((rows.shape[0], self.n_disjuncts), -math.inf, dtype=rows.dtype,
-                         device=rows.device)
-        return out.scatter_reduce(1, self.owner.to(rows.device).expand_as(rows), rows, "amax")
-
-    def margins(self, y: Tensor) -> Tensor:
-        """(B, D) margin of each disjunct at outputs y (B, n); B may be a multiple of the spec's
-        batch (restarts of one input are consecutive)."""
-        a, b = self._expand(y.shape[0], y.dtype)
-        return self._reduce(torch.einsum("bn,brn->br", y, a) - b)
-
-    def lower(self, element: Zonotope) -> Tensor:
-        """(B, D) lower bounds of the disjunct margins over a zonotope of outputs."""
-        center = element.center.reshape(element.center.shape[0], -1)
-        gens = element.generators.reshape(*element.generators.shape[:2], -1)
-        a, b = self._expand(center.shape[0], center.dtype)
-        radius = torch.einsum("bkn,brn->bkr", gens, a).abs().sum(1)
-        return self._reduce(torch.einsum("bn,brn->br", center, a) - b - radius)
-
-    def violated(self, y: Tensor) -> Tensor:
-        """(B,) whether outputs y lie in some disjunct's unsafe region, computed in y's dtype (a
-        candidate test: :meth:`violated_exactly` decides)."""
-        a, b = self._expand(y.shape[0], y.dtype)
-        rows = torch.einsum("bn,brn->br", y, a) - b
-        strict = self._strict(rows.device)
-        bad = torch.where(strict, rows < 0, rows <= 0).to(rows.dtype)
-        all_rows = torch.ones(rows.shape[0], self.n_disjuncts, dtype=rows.dtype,
-                              device=rows.device)
-        all_rows = all_rows.scatter_reduce(1, self.owner.to(rows.device).expand_as(rows), bad,
-                                           "amin")
-        return all_rows.amax(1) > 0
-
-    def violated_exactly(self, y: Iterable[float], item: int = 0) -> bool:
-        """Whether the output vector y (finite floats, e.g. a float32 forward pass) satisfies
-        some disjunct exactly as written: every row a·y - b <= 0, or < 0 where strict, in exact
-        rational arithmetic on the values of y, A and b."""
-        from fractions import Fraction
-
-        yf = [Fraction(float(v)) for v in y]
-        a = (self.A if self.A.dim() == 2 else self.A[item]).cpu().numpy()
-        b = (self.b if self.b.dim() == 1 else self.b[item]).cpu().numpy()
-        strict = self._strict(torch.device("cpu")).numpy()
-        owner = self.owner.cpu().numpy()
-        unsafe = np.ones(self.n_disjuncts, dtype=bool)
-        for r in range(a.shape[0]):
-            value = sum((Fraction(float(c)) * v for c, v in zip(a[r], yf) if c != 0),
-                        Fraction(0)) - Fraction(float(b[r]))
-            if not (value < 0 if strict[r] else value <= 0):
-                unsafe[owner[r]] = False
-        return bool(unsafe.any())
-
-    def _strict(self, device: torch.device) -> Tensor:
-        if self.row_strict is not None:
-            return self.row_strict.to(device)
-        return torch.full((self.owner.shape[0],), bool(self.strict), device=device)
-
-    def _expand(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        a, b = self.A.to(dtype), self.b.to(dtype)
-        if a.dim() == 2:
-            return a.unsqueeze(0).expand(batch, *a.shape), b.unsqueeze(0).expand(batch, -1)
-        rep = batch // a.shape[0]
-        return a.repeat_interleave(rep, 0), b.repeat_interleave(rep, 0)
+# Host syncs of the batched loops: the attack confirms its float32 candidates in float64 every
+# this many steps, the slope loop re-checks its ready inputs in float64 every this many steps.
+ATTACK_CONFIRM_EVERY = 5
+SLOPE_CHECK_EVERY = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +90,40 @@ class _SlopeOutcome:
     bounds: Tensor  # (B, D) best float64 lower bounds proved
     verified: Tensor  # (B, D)
     slopes: dict[int, Tensor]  # float64, the best λ per image (for the MILP)
-    priority: dict[int, Tensor]  # |∂loss/∂λ| of the last step
+    priority: dict[int, Tensor]  # |∂loss/∂λ| of each input's last step
     iterations: int
+    stepped: list[bool]  # per input: did it take a step (else its priority means nothing)
+
+
+@dataclass
+class OpenInput:
+    """An input the batched stages (clean, attacks, zonotope, slopes) left undecided: all that
+    LP and MILP (:meth:`Certifier.finish`) need. Picklable (``.to("cpu")``) for a worker."""
+
+    result: CertifyResult  # predicted, stage times so far
+    names: list[int]
+    lower: Tensor  # (1, ...)
+    upper: Tensor
+    spec: Spec  # of this input alone
+    best: Tensor  # (D,) float64 CPU: best proved lower bounds
+    todo: Tensor  # (D,) bool CPU: disjuncts still open
+    tau: Tensor  # (D,) float64 CPU: what each lower bound must exceed (fp_error)
+    spent: float  # seconds of its budget the batched stages used
+    slopes: dict[int, Tensor] | None
+    priority: dict[int, Tensor] | None
+    known: dict[int, tuple[Tensor, Tensor]]  # the tightest ReLU bounds so far
+
+    @property
+    def index(self) -> int:
+        return self.result.index
+
+    def to(self, device: str | torch.device) -> "OpenInput":
+        device = torch.device(device)
+        move = (lambda d: None if d is None else {k: v.to(device) for k, v in d.items()})
+        return OpenInput(self.result, self.names, self.lower.to(device), self.upper.to(device),
+                         self.spec.to(device), self.best, self.todo, self.tau, self.spent,
+                         move(self.slopes), move(self.priority),
+                         {k: (lo.to(device), up.to(device)) for k, (lo, up) in self.known.items()})
 
 
 class Certifier:
@@ -299,6 +155,10 @@ class Certifier:
         if self.compression is not None:
             self.compression = _to_device(self.compression, self.device)
         self.encoder = MilpEncoder(cpu64)
+        # Most inputs per batch of the cascade's batched stages (the memory cap may lower it).
+        self.max_batch = 64
+        # Per ReLU block, the most crossing neurons one input has had so far (sizes chunks).
+        self._crossing_seen: dict[int, int] = {}
 
     # -- public entry points -------------------------------------------------------------------
 
@@ -350,22 +210,247 @@ class Certifier:
 
     def _certify(self, x: Tensor, lower: Tensor, upper: Tensor, spec: Spec, index: int,
                  label: int) -> CertifyResult:
+        """One input: the batched stages with a batch of one, then LP and MILP."""
+        out = self._front(x, lower, upper, spec, [index], [label])[0]
+        return out if isinstance(out, CertifyResult) else self.finish(out)
+
+    def certify_batch(self, x: Tensor | np.ndarray, labels: Any, eps: float,
+                      indices: Iterable[int] | None = None, finish: bool = True
+                      ) -> list["CertifyResult | OpenInput"]:
+        """Robustness of many inputs (B, C, H, W) at once, chunked to the memory cap: clean,
+        attack, zonotope and slopes run on batches; the inputs they leave open go on to LP and
+        MILP one at a time (with ``finish``) or come back as :class:`OpenInput` for
+        :meth:`finish` (e.g. in worker processes). Verdicts are those of :meth:`certify` on each
+        input (the attack of input i is seeded by ``cfg.seed + indices[i]``)."""
+        if not eps >= 0:
+            raise CertifyError(f"eps = {eps}: must be >= 0")
+        x64 = torch.as_tensor(np.array(x) if isinstance(x, np.ndarray) else x)
+        x64 = x64.to(self.device, torch.float64).reshape(-1, *self.input_shape)
+        labels = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
+        indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+        if not len(labels) == len(indices) == x64.shape[0]:
+            raise CertifyError(f"{x64.shape[0]} inputs, {len(labels)} labels, "
+                               f"{len(indices)} indices: must agree")
+        for v in labels:
+            if not 0 <= v < self.n_outputs:
+                raise CertifyError(f"label {v} outside 0..{self.n_outputs - 1}")
+        out: list[CertifyResult | OpenInput] = []
+        s = 0
+        while s < len(labels):
+            part = slice(s, s + self._chunk_size())  # sized by the zonotopes seen so far
+            lower, upper = input_box(x64[part], eps)
+            spec = Spec.robustness(torch.tensor(labels[part]), self.n_outputs)
+            out += self._front(x64[part], lower, upper, spec, indices[part], labels[part])
+            s = part.stop
+        if finish:
+            out = [r if isinstance(r, CertifyResult) else self.finish(r) for r in out]
+        return out
+
+    def _front(self, x: Tensor, lower: Tensor, upper: Tensor, spec: Spec, indices: list[int],
+               labels: list[int]) -> list["CertifyResult | OpenInput"]:
+        """Stages 1-5 on a batch: clean, quick attack, zonotope, slopes, full attack. Each
+        batched stage's wall time is shared equally among the inputs that took part in it
+        (stage times and the per-input budget ``timeout_per_input_s``)."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        deadline = t0 + cfg.timeout_per_input_s
-        res = CertifyResult(index, label, -1)
+        bsz = x.shape[0]
         spec = spec.to(self.device)
-        names = spec.names or list(range(spec.n_disjuncts))
-        best = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
-        todo = torch.ones(spec.n_disjuncts, dtype=torch.bool)
+        n_d = spec.n_disjuncts
+        res = [CertifyResult(int(i), int(l), -1) for i, l in zip(indices, labels)]
+        names = [self._names(spec, labels[j]) for j in range(bsz)]
+        best = torch.full((bsz, n_d), -math.inf, dtype=torch.float64)
+        todo = torch.ones((bsz, n_d), dtype=torch.bool)
         # Per disjunct, what a lower bound must exceed (fp_error; set at the first zonotope).
-        tau = torch.full((spec.n_disjuncts,), math.inf, dtype=torch.float64)
+        tau = torch.full((bsz, n_d), math.inf, dtype=torch.float64)
+        spent = [0.0] * bsz
+        decided: list[bool] = [False] * bsz
+
+        def charge(stage: str, rows: list[int], seconds: float) -> None:
+            share = seconds / max(len(rows), 1)
+            for j in rows:
+                res[j].stage_times[stage] = res[j].stage_times.get(stage, 0.0) + share
+                spent[j] += share
+
+        def decide(j: int, status: str, method: str, message: str = "") -> None:
+            r = res[j]
+            r.status, r.method, r.message = status, method, message
+            r.bounds = {names[j][k]: float(best[j, k]) for k in range(n_d)}
+            r.time_s = spent[j]
+            decided[j] = True
+
+        def record(rows: list[int], bounds: Tensor) -> list[bool]:
+            """Merge proved bounds (len(rows), D); per row: is every disjunct verified?"""
+            b = bounds.detach().cpu().to(torch.float64).reshape(len(rows), n_d)
+            r = torch.as_tensor(rows, dtype=torch.int64)
+            ok = torch.isfinite(b)
+            best[r] = torch.where(ok, torch.maximum(best[r], b), best[r])
+            todo[r] &= ~(ok & (b > tau[r]))
+            return (~todo[r].any(1)).tolist()
+
+        def budget(rows: list[int]) -> float:
+            """The batch's deadline: the sum of the inputs' remaining budgets from now."""
+            return time.perf_counter() + sum(max(cfg.timeout_per_input_s - spent[j], 0.0)
+                                             for j in rows)
+
+        def timed_out(rows: list[int]) -> list[int]:
+            for j in rows:
+                if spent[j] > cfg.timeout_per_input_s:
+                    decide(j, "unknown", "timeout")
+            return [j for j in rows if not decided[j]]
+
+        if bool((lower > upper).any()):
+            raise CertifyError("empty input box (a lower bound above its upper bound)")
+        everyone = list(range(bsz))
+        t = time.perf_counter()
+        finite_in = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(lower).flatten(1).all(1)
+                     & torch.isfinite(upper).flatten(1).all(1))
+        with torch.no_grad():
+            # The clean point as the model takes it: in its precision, inside the box (rows with
+            # a non-finite input keep it: they are decided "nonfinite" below).
+            x_run = torch.where(finite_in.view(-1, *([1] * (x.dim() - 1))),
+                                _round_into(x, lower, upper, self.precision).double(), x)
+            logits = self.net_run(x_run.to(self.precision)).double()
+        finite = (finite_in & torch.isfinite(logits).all(1)).cpu()
+        predicted = logits.argmax(1).cpu()
+        logits_host = logits.cpu()
+        charge("clean", everyone, time.perf_counter() - t)
+        for j in everyone:
+            if bool(finite[j]):
+                res[j].predicted = int(predicted[j])
+            if not (bool(finite[j]) and self.finite):
+                decide(j, "unknown", "nonfinite", "NaN or inf in the input, box or weights")
+            elif spec.violated_exactly(logits_host[j].tolist(), j if spec.A.dim() == 3 else 0):
+                res[j].counterexample = x_run[j].reshape(-1).tolist()  # the clean point itself
+                # A tie with the label's logit (argmax may still name the label) is falsified.
+                decide(j, "misclassified" if spec.labels is not None
+                       and res[j].predicted != labels[j] else "falsified", "clean")
+        rows = [j for j in everyone if not decided[j]]
+
+        def attack(rows: list[int], stage: str, restarts: int, steps: int, step: float,
+                   offset: int, deadline: float | None) -> list[int]:
+            t = time.perf_counter()
+            r = torch.as_tensor(rows, device=self.device)
+            found, points = self.attack_batch(
+                lower[r], upper[r], spec.select(r), restarts, steps, step,
+                seeds=[cfg.seed + indices[j] + offset for j in rows], deadline=deadline)
+            found = found.cpu().tolist()
+            charge(stage, rows, time.perf_counter() - t)
+            for k, j in enumerate(rows):
+                if found[k]:
+                    res[j].counterexample = points[k].reshape(-1).tolist()
+                    decide(j, "falsified", "pgd")
+            return [j for j in rows if not decided[j]]
+
+        # 2. A cheap attack first: a counterexample makes every later stage unnecessary.
+        if rows and cfg.pgd_quick_restarts > 0:
+            rows = attack(rows, "pgd_quick", cfg.pgd_quick_restarts, cfg.pgd_quick_steps,
+                          cfg.pgd_step_size * cfg.pgd_steps / cfg.pgd_quick_steps, 0, None)
+        if not rows:
+            return res
+
+        # 3. DeepZ in float64.
+        t = time.perf_counter()
+        r = torch.as_tensor(rows, device=self.device)
+        with torch.no_grad():
+            run = run_zonotope(self.net64, lower[r], upper[r], compression=self.compression)
+            self._note_crossing(run)
+            tau[torch.as_tensor(rows)] = \
+                self._threshold(lower[r], upper[r], run, spec.select(r)).cpu()
+            ok = record(rows, spec.select(r).lower(run.element))
+        charge("zonotope", rows, time.perf_counter() - t)
+        for k, j in enumerate(rows):
+            if ok[k]:
+                decide(j, "certified", "zonotope")
+        # Every later zonotope intersects its ReLU bounds with the best ones known so far (any
+        # valid bound may be used: λ then relaxes a smaller interval). Per-row state below is
+        # aligned with ``rows`` and narrowed with it.
+        known = {q: (lo.detach(), up.detach()) for q, (lo, up) in run.pre_bounds.items()}
+        relax = dict(run.relaxations)
+        slopes: dict[int, Tensor] | None = None
+        priority: dict[int, Tensor] | None = None
+        stepped: list[bool] = []
+
+        def narrow(old: list[int], new: list[int]) -> None:
+            nonlocal known, relax, slopes, priority, stepped
+            if new == old:
+                return
+            pos = {j: k for k, j in enumerate(old)}
+            sel = torch.as_tensor([pos[j] for j in new], dtype=torch.int64, device=self.device)
+            known = {q: (lo[sel], up[sel]) for q, (lo, up) in known.items()}
+            relax = {q: (lam[sel], mu[sel]) for q, (lam, mu) in relax.items()}
+            if slopes is not None:
+                slopes = {q: s_[sel] for q, s_ in slopes.items()}
+            if priority is not None:
+                priority = {q: p[sel] for q, p in priority.items()}
+            stepped = [stepped[pos[j]] for j in new] if stepped else stepped
+
+        old = rows
+        rows = timed_out([j for j in rows if not decided[j]])
+        narrow(old, rows)
+
+        # 4. Optimised slopes.
+        if rows and cfg.slope_iters > 0 and self.relu_indices:
+            t = time.perf_counter()
+            r = torch.as_tensor(rows, device=self.device)
+            tr = torch.as_tensor(rows, dtype=torch.int64)
+            out = self._optimise_slopes(lower[r], upper[r], spec.select(r),
+                                        todo[tr].to(self.device),
+                                        ZonotopeRun(run.element, relaxations=relax),
+                                        budget(rows), refined=known,
+                                        tau=tau[tr].to(self.device))
+            slopes, priority, stepped = out.slopes, out.priority, out.stepped
+            known = self._tighter(lower[r], upper[r], slopes, known)
+            ok = record(rows, out.bounds)
+            charge("zonotope_slopes", rows, time.perf_counter() - t)
+            for k, j in enumerate(rows):
+                if ok[k]:
+                    decide(j, "certified", "zonotope_slopes")
+            old = rows
+            rows = timed_out([j for j in rows if not decided[j]])
+            narrow(old, rows)
+
+        # 5. The full attack.
+        if rows and cfg.pgd_restarts > 0:
+            old = rows
+            rows = attack(rows, "pgd", cfg.pgd_restarts, cfg.pgd_steps, cfg.pgd_step_size,
+                          7919, budget(rows))
+            rows = timed_out(rows)
+            narrow(old, rows)
+
+        for k, j in enumerate(rows):
+            one = slice(k, k + 1)
+            res[j] = OpenInput(
+                res[j], names[j], lower[j:j + 1], upper[j:j + 1],
+                spec.select(torch.tensor([j], device=self.device)), best[j].clone(),
+                todo[j].clone(), tau[j].clone(), spent[j],
+                None if slopes is None else {q: s_[one] for q, s_ in slopes.items()},
+                None if priority is None or not stepped[k] else
+                {q: p[one] for q, p in priority.items()},
+                {q: (lo[one], up[one]) for q, (lo, up) in known.items()})
+        return res
+
+    def _names(self, spec: Spec, label: int) -> list[int]:
+        """Per disjunct, its name in the result's bounds: the adversarial label or the index."""
+        if spec.labels is not None:
+            return [a for a in range(self.n_outputs) if a != int(label)]
+        return spec.names or list(range(spec.n_disjuncts))
+
+    def finish(self, state: "OpenInput") -> CertifyResult:
+        """Stages 6-7 for an input the batched stages left open: LP tightening, then the MILP
+        per open disjunct, within what is left of its ``timeout_per_input_s``."""
+        cfg = self.cfg
+        state = state.to(self.device)
+        res = state.result
+        t0 = time.perf_counter()
+        deadline = t0 + max(cfg.timeout_per_input_s - state.spent, 0.0)
+        lower, upper, spec = state.lower, state.upper, state.spec
+        best, todo, names, tau = state.best, state.todo, state.names, state.tau
+        slopes, priority, known = state.slopes, state.priority, state.known
         timer = _Timer(res)
 
         def finish(status: str, method: str, message: str = "") -> CertifyResult:
             res.status, res.method, res.message = status, method, message
             res.bounds = {names[k]: float(best[k]) for k in range(spec.n_disjuncts)}
-            res.time_s = time.perf_counter() - t0
+            res.time_s = state.spent + time.perf_counter() - t0
             return res
 
         def record(bounds: Tensor, stage: str) -> bool:
@@ -375,73 +460,6 @@ class Certifier:
             best[finite] = torch.maximum(best[finite], bounds[finite])
             todo[finite & (bounds > tau)] = False
             return not bool(todo.any())
-
-        if bool((lower > upper).any()):
-            raise CertifyError("empty input box (a lower bound above its upper bound)")
-        finite_in = all(bool(torch.isfinite(t).all()) for t in (x, lower, upper))
-        with timer("clean"), torch.no_grad():
-            # The clean point as the model takes it: in its precision, inside the box.
-            x_run = _round_into(x, lower, upper, self.precision) if finite_in else None
-            logits = self.net_run(x if x_run is None else x_run).double()
-        if finite_in and bool(torch.isfinite(logits).all()):
-            res.predicted = int(logits.argmax(1))
-        if not (finite_in and self.finite and bool(torch.isfinite(logits).all())):
-            return finish("unknown", "nonfinite", "NaN or inf in the input, box or weights")
-        if x_run is not None and spec.violated_exactly(logits[0].tolist()):
-            res.counterexample = x_run.reshape(-1).tolist()  # the clean point itself
-            # A tie with the label's logit (argmax may still name the label) is falsified.
-            return finish("misclassified" if spec.labels is not None and res.predicted != label
-                          else "falsified", "clean")
-
-        # 2. A cheap attack first: a counterexample makes every later stage unnecessary.
-        if cfg.pgd_quick_restarts > 0:
-            with timer("pgd_quick"):
-                cex = self._attack(lower, upper, spec, cfg.pgd_quick_restarts,
-                                   cfg.pgd_quick_steps,
-                                   cfg.pgd_step_size * cfg.pgd_steps / cfg.pgd_quick_steps,
-                                   seed=cfg.seed + index)
-            if cex is not None:
-                res.counterexample = cex
-                return finish("falsified", "pgd")
-
-        # 3. DeepZ in float64.
-        with timer("zonotope"), torch.no_grad():
-            run = run_zonotope(self.net64, lower, upper, compression=self.compression)
-            tau[:] = self._threshold(lower, upper, run, spec)[0].cpu()
-            if record(spec.lower(run.element)[0], "zonotope"):
-                return finish("certified", "zonotope")
-        if time.perf_counter() > deadline:
-            return finish("unknown", "timeout")
-        # Every later zonotope intersects its ReLU bounds with the best ones known so far (any
-        # valid bound may be used: λ then relaxes a smaller interval).
-        known = {r: (lo.detach(), up.detach()) for r, (lo, up) in run.pre_bounds.items()}
-
-        # 4. Optimised slopes.
-        slopes: dict[int, Tensor] | None = None
-        priority: dict[int, Tensor] | None = None
-        if cfg.slope_iters > 0 and self.relu_indices:
-            with timer("zonotope_slopes"):
-                out = self._optimise_slopes(lower, upper, spec, todo.view(1, -1).to(self.device),
-                                            run, deadline, refined=known,
-                                            tau=tau.view(1, -1).to(self.device))
-                slopes, priority = out.slopes, out.priority
-                known = self._tighter(lower, upper, slopes, known)
-            if record(out.bounds[0], "zonotope_slopes"):
-                return finish("certified", "zonotope_slopes")
-            if time.perf_counter() > deadline:
-                return finish("unknown", "timeout")
-
-        # 5. The full attack.
-        if cfg.pgd_restarts > 0:
-            with timer("pgd"):
-                cex = self._attack(lower, upper, spec, cfg.pgd_restarts, cfg.pgd_steps,
-                                   cfg.pgd_step_size, seed=cfg.seed + index + 7919,
-                                   deadline=deadline)
-            if cex is not None:
-                res.counterexample = cex
-                return finish("falsified", "pgd")
-            if time.perf_counter() > deadline:
-                return finish("unknown", "timeout")
 
         # 6. LP tightening of the ReLU bounds the MILP takes from the zonotope, then slopes
         # again with them (warm start).
@@ -458,7 +476,8 @@ class Certifier:
                             lower, upper, spec, todo.view(1, -1).to(self.device), run, deadline,
                             refined=known, init={r: s_.float() for r, s_ in slopes.items()},
                             tau=tau.view(1, -1).to(self.device))
-                        slopes, priority = out.slopes, out.priority or priority
+                        slopes = out.slopes
+                        priority = (out.priority if out.stepped[0] else None) or priority
                         known = self._tighter(lower, upper, slopes, known)
                         done = record(out.bounds[0], "lp")
                 if done:
@@ -497,30 +516,44 @@ class Certifier:
 
     def _attack(self, lower: Tensor, upper: Tensor, spec: Spec, restarts: int, steps: int,
                 step_size: float, seed: int, deadline: float | None = None) -> list[float] | None:
-        found, points = self.attack_batch(lower, upper, spec, restarts, steps, step_size, seed,
-                                          deadline)
+        found, points = self.attack_batch(lower, upper, spec, restarts, steps, step_size,
+                                          seeds=[seed], deadline=deadline)
         return points[0].reshape(-1).tolist() if bool(found[0]) else None
 
     def attack_batch(self, lower: Tensor, upper: Tensor, spec: Spec, restarts: int, steps: int,
-                     step_size: float, seed: int = 0, deadline: float | None = None
-                     ) -> tuple[Tensor, Tensor]:
+                     step_size: float, seed: int = 0, deadline: float | None = None,
+                     seeds: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """PGD in the box, all restarts of all inputs in one batch, on the coefficients in
         [-1, 1] (step in their units). Half of the restarts of a robustness spec minimise the
         margin, half maximise the cross-entropy. Returns (found (B,), point (B, ...) float64):
-        a point counts only when :meth:`_check_points` confirms it."""
+        a point counts only when a float64 forward pass confirms the violation inside the box.
+
+        ``seeds``: one per input, so that an input's random starts (and so its outcome) do not
+        depend on the batch it is in; else one generator seeded by ``seed`` for the batch.
+        Candidates (float32 violations, the latest per restart) are kept on the device and
+        confirmed every ``ATTACK_CONFIRM_EVERY`` steps: one host sync per interval."""
         bsz = lower.shape[0]
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
         center64, radius64 = (upper + lower) / 2, (upper - lower) / 2
         c = center64.float().repeat_interleave(restarts, 0)
         r = radius64.float().repeat_interleave(restarts, 0)
         found = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         best = center64.clone()
-        coeff = 2 * torch.rand(c.shape, generator=gen, device=self.device) - 1
+        if seeds is not None:
+            coeff = torch.cat([
+                2 * torch.rand((restarts, *c.shape[1:]), device=self.device,
+                               generator=torch.Generator(device=self.device).manual_seed(int(s)))
+                - 1 for s in seeds])
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+            coeff = 2 * torch.rand(c.shape, generator=gen, device=self.device) - 1
         use_ce = torch.zeros(bsz * restarts, dtype=torch.bool, device=self.device)
         labels = None
         if spec.labels is not None:
             use_ce[1::2] = True
             labels = spec.labels.to(self.device).repeat_interleave(restarts, 0)
+        cand = torch.zeros(bsz * restarts, dtype=torch.bool, device=self.device)
+        cand_coeff = torch.zeros_like(coeff)
+        view = (-1,) + (1,) * (coeff.dim() - 1)
         for step in range(steps + 1):
             with torch.enable_grad():
                 coeff.requires_grad_(True)
@@ -534,14 +567,19 @@ class Certifier:
                 if step < steps:
                     (grad,) = torch.autograd.grad(objective.sum(), coeff)
             with torch.no_grad():
-                cand = spec.violated(logits.detach()) | (margin <= 0)
-                cand &= ~found.repeat_interleave(restarts, 0)
-                if bool(cand.any()):
-                    self._confirm(cand, coeff, center64, radius64, lower, upper, spec, restarts,
-                                  found, best)
-                if bool(found.all()) or grad is None:
-                    break
-                if deadline is not None and time.perf_counter() > deadline:
+                hit = spec.violated(logits.detach()) | (margin <= 0)
+                cand_coeff = torch.where(hit.view(view), coeff.detach(), cand_coeff)
+                cand |= hit
+                late = deadline is not None and time.perf_counter() > deadline
+                if grad is None or late or step % ATTACK_CONFIRM_EVERY == ATTACK_CONFIRM_EVERY - 1:
+                    cand &= ~found.repeat_interleave(restarts, 0)
+                    if bool(cand.any()):
+                        self._confirm(cand, cand_coeff, center64, radius64, lower, upper, spec,
+                                      restarts, found, best)
+                    cand.zero_()
+                    if bool(found.all()):
+                        break
+                if grad is None or late:
                     break
                 coeff = (coeff.detach() - step_size * grad.sign()).clamp(-1, 1)
         return found, best
@@ -584,11 +622,18 @@ class Certifier:
                          tau: Tensor | None = None) -> _SlopeOutcome:
         """COLT's learn_slopes for a batch: Adam on λ (float32) against the worst-case margins of
         the open disjuncts; candidates are re-checked in float64 (the only bounds that count)
-        and verified above ``tau`` (B, D), the floating-point error bound of each margin."""
+        and verified above ``tau`` (B, D), the floating-point error bound of each margin.
+
+        Every decision is per input, so an input's slopes do not depend on its batch: its
+        plateau (``slope_patience``), its best λ, its priorities; an input that has stopped
+        keeps its λ (masked Adam step). Decisions stay on the device; the host syncs once every
+        ``SLOPE_CHECK_EVERY`` steps, when the inputs whose float32 bounds all pass are re-checked
+        in float64."""
         cfg = self.cfg
         tol = tau if tau is not None else \
             torch.full(todo.shape, math.inf, dtype=torch.float64, device=self.device)
         bsz = lower.shape[0]
+        dev = self.device
         lo32, up32 = lower.float(), upper.float()
         refined = refined or {}
         refined32 = {r: (lo.float(), up.float()) for r, (lo, up) in refined.items()}
@@ -597,12 +642,18 @@ class Certifier:
                   for r, lam in start.items()}
         opt = _Adam(list(params.values()), lr=cfg.slope_lr, step_size=cfg.slope_lr_step)
         pending = todo.clone()
-        bounds = torch.full(pending.shape, -math.inf, dtype=torch.float64, device=self.device)
+        bounds = torch.full(pending.shape, -math.inf, dtype=torch.float64, device=dev)
         verified = torch.zeros_like(pending)
-        best_score = torch.full((bsz,), -math.inf, device=self.device)
+        best_score = torch.full((bsz,), -math.inf, device=dev)
         best = {r: p.detach().clone() for r, p in params.items()}
-        last_check = torch.full((bsz,), -10**9, dtype=torch.int64)
-        priority: dict[int, Tensor] = {}
+        priority = {r: torch.zeros_like(p) for r, p in params.items()}
+        stepped = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        best_loss = torch.full((bsz,), math.inf, device=dev)
+        best_at = torch.zeros(bsz, dtype=torch.int64, device=dev)
+
+        def per_input(mask: Tensor, like: Tensor) -> Tensor:
+            return mask.view(-1, *([1] * (like.dim() - 1)))
 
         def check(idx: Tensor, slopes: dict[int, Tensor]) -> None:
             with torch.no_grad():
@@ -618,47 +669,57 @@ class Certifier:
             pending[idx] &= ~verified[idx]
 
         it = 0
-        best_loss, best_at = math.inf, 0
         for it in range(cfg.slope_iters if iterations is None else iterations):
-            if not bool(pending.any()) or \
-                    (deadline is not None and time.perf_counter() > deadline):
+            if deadline is not None and time.perf_counter() > deadline:
                 break
+            sync = it % SLOPE_CHECK_EVERY == 0
+            if sync and not bool((pending.any(1) & ~stopped).any()):
+                break
+            active = pending.any(1) & ~stopped
             out = run_zonotope(self.net32, lo32, up32, slopes=params, refined=refined32,
                                compression=self.compression)
             lb = spec.lower(out.element)  # (B, D) float32
             # A copy: check() below updates ``pending`` in place, autograd keeps this mask.
-            neg = torch.where(pending.clone(), -lb, torch.full_like(lb, -math.inf))
+            open_ = pending.clone() & active.unsqueeze(1)
+            neg = torch.where(open_, -lb, torch.full_like(lb, -math.inf))
             loss = torch.logsumexp(torch.cat([torch.zeros_like(lb[:, :1]), neg], 1), 1)
             with torch.no_grad():
                 score = torch.where(pending, lb, torch.full_like(lb, math.inf)).min(1).values
-                better = (score > best_score) & pending.any(1)
-                if bool(better.any()):
-                    for r, p in params.items():
-                        best[r][better] = p.detach()[better]
-                    best_score = torch.where(better, score, best_score)
-                ready = ((lb > tol) | ~pending).all(1) & pending.any(1) & \
-                    ((it - last_check) >= 5).to(self.device)
-            if bool(ready.any()):
+                better = (score > best_score) & active
+                for r, p in params.items():
+                    best[r] = torch.where(per_input(better, p), p.detach(), best[r])
+                best_score = torch.where(better, score, best_score)
+                ready = ((lb > tol) | ~pending).all(1) & active
+            if sync:
                 idx = ready.nonzero().reshape(-1)
-                last_check[idx.cpu()] = it
-                check(idx, {r: p.detach() for r, p in params.items()})
-                if not bool(pending.any()):
-                    break
-            total = float(loss.detach().sum())
-            if total < best_loss - 1e-3 * abs(best_loss):
-                best_loss, best_at = total, it
-            elif cfg.slope_patience and it - best_at >= cfg.slope_patience:
-                break  # a plateau: the MILP takes over
+                if len(idx):
+                    check(idx, {r: p.detach() for r, p in params.items()})
+                active = active & pending.any(1)
+            with torch.no_grad():
+                total = loss.detach()
+                # The first step always improves on "nothing yet" (inf - inf would be NaN).
+                improved = active & (~torch.isfinite(best_loss) |
+                                     (total < best_loss - 1e-3 * best_loss.abs()))
+                best_loss = torch.where(improved, total, best_loss)
+                best_at = torch.where(improved, torch.full_like(best_at, it), best_at)
+                if cfg.slope_patience:
+                    plateau = active & ~improved & (it - best_at >= cfg.slope_patience)
+                    stopped |= plateau  # a plateau: the MILP takes over
+                    active = active & ~plateau
             grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g
                      for p, g in zip(params.values(), grads)]
-            priority = {r: g.detach().abs() for r, g in zip(params, grads)}
-            opt.step(grads)  # then λ is clamped to [0, 1]
+            with torch.no_grad():
+                for (r, p), g in zip(params.items(), grads):
+                    priority[r] = torch.where(per_input(active, p), g.abs(), priority[r])
+                stepped |= active
+            opt.step(grads, mask=active)  # then λ is clamped to [0, 1]
         left = pending.any(1)
         if bool(left.any()) and (deadline is None or time.perf_counter() < deadline):
             check(left.nonzero().reshape(-1), best)
         slopes = {r: p.detach().double() for r, p in best.items()}
-        return _SlopeOutcome(bounds.cpu(), verified.cpu(), slopes, priority, it + 1)
+        return _SlopeOutcome(bounds.cpu(), verified.cpu(), slopes, priority, it + 1,
+                             stepped.cpu().tolist())
 
     def _tighter(self, lower: Tensor, upper: Tensor, slopes: dict[int, Tensor] | None,
                  known: dict[int, tuple[Tensor, Tensor]]) -> dict[int, tuple[Tensor, Tensor]]:
@@ -785,90 +846,19 @@ class Certifier:
 
     # -- batched (tuning) ----------------------------------------------------------------------
 
-    def batch(self, x: Tensor, labels: Tensor, eps: float) -> dict[str, Tensor]:
-        """Cheap batched cascade: (B,) bool tensors nat, pgd (not falsified), cert."""
-        cfg = self.cfg
-        x64 = x.to(self.device, torch.float64).reshape(-1, *self.input_shape)
-        labels = labels.to(self.device).reshape(-1)
-        bsz = x64.shape[0]
-        lower, upper = input_box(x64, eps)
-        with torch.no_grad():
-            logits = self.net64(x64)
-        finite = torch.isfinite(logits).all(1) & torch.isfinite(x64).flatten(1).all(1)
-        nat = finite & (logits.argmax(1) == labels) if self.finite else \
-            torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        spec_all = Spec.robustness(labels.cpu(), self.n_outputs).to(self.device)
-        robust = nat.clone()
-        idx = nat.nonzero().reshape(-1)
-        if len(idx) and cfg.pgd_restarts > 0:
-            found, _ = self.attack_batch(lower[idx], upper[idx], spec_all.select(idx),
-                                         cfg.pgd_restarts, cfg.pgd_steps, cfg.pgd_step_size,
-                                         seed=cfg.seed)
-            robust[idx] &= ~found
-        cert = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        idx = robust.nonzero().reshape(-1)
-        chunk = self._chunk_size()
-        for s in range(0, len(idx), chunk):
-            part = idx[s: s + chunk]
-            cert[part] = self._certify_chunk(x64[part], lower[part], upper[part],
-                                             spec_all.select(part))
-        return {"nat": nat.cpu(), "pgd": robust.cpu(), "cert": (cert & robust).cpu()}
-
-    def _certify_chunk(self, x: Tensor, lower: Tensor, upper: Tensor, spec: Spec) -> Tensor:
-        """(B,) verified by DeepZ, then slopes on the inputs still open (one batch), then the
-        MILP per input (``cfg.milp``, ``timeout_per_input_s`` each)."""
-        cfg = self.cfg
-        known = None
-        with torch.no_grad():
-            run = run_zonotope(self.net64, lower, upper, compression=self.compression)
-            lb = spec.lower(run.element)
-            tau = self._threshold(lower, upper, run, spec)
-        done = (torch.isfinite(lb) & (lb > tau))
-        if bool(done.all(1).all()) or cfg.slope_iters <= 0 or not self.relu_indices:
-            return done.all(1)
-        # Only the inputs still open take part in the slope steps.
-        rows = (~done.all(1)).nonzero().reshape(-1)
-        sub_spec = spec.select(rows)
-        known = {r: (lo[rows].detach(), up[rows].detach())
-                 for r, (lo, up) in run.pre_bounds.items()}
-        sub_run = ZonotopeRun(run.element, relaxations={r: (lam[rows], mu[rows]) for r, (lam, mu)
-                                                        in run.relaxations.items()})
-        t_end = time.perf_counter() + cfg.timeout_per_input_s * len(rows)
-        out = self._optimise_slopes(lower[rows], upper[rows], sub_spec, ~done[rows], sub_run,
-                                    t_end, refined=known, tau=tau[rows])
-        done[rows] |= out.verified.to(self.device)
-        if not cfg.milp:
-            return done.all(1)
-        for k, j in enumerate(rows.tolist()):
-            if bool(done[j].all()):
-                continue
-            deadline = time.perf_counter() + cfg.timeout_per_input_s
-            best = out.bounds[k].clone()
-            open_ = (~done[j]).cpu().clone()
-            tau_j = tau[j].cpu()
-
-            def record(bounds: Tensor, stage: str, open_: Tensor = open_,
-                       best: Tensor = best, tau_j: Tensor = tau_j) -> bool:
-                bounds = bounds.detach().cpu().to(torch.float64).reshape(-1)
-                finite = torch.isfinite(bounds)
-                best[finite] = torch.maximum(best[finite], bounds[finite])
-                open_[finite & (bounds > tau_j)] = False
-                return not bool(open_.any())
-
-            one = torch.tensor([k], device=self.device)
-            try:
-                outcome, _ = self._milp(
-                    lower[j:j + 1], upper[j:j + 1], spec.select(rows[k:k + 1]),
-                    self._milp_starts()[0], open_, best,
-                    {r: s_[one] for r, s_ in out.slopes.items()},
-                    {r: (lo[one], up[one]) for r, (lo, up) in known.items()},
-                    {r: p[one] for r, p in out.priority.items()} or None, deadline, record,
-                    tau_j)
-            except EncodingError:
-                outcome = "failed"
-            if outcome == "certified":
-                done[j] = True
-        return done.all(1)
+    def batch(self, x: Tensor, labels: Tensor, eps: float, start_index: int = 0
+              ) -> dict[str, Tensor]:
+        """The cascade on a batch (:meth:`certify_batch`, inputs numbered from
+        ``start_index``): (B,) bool tensors nat (correct clean prediction), pgd (not falsified)
+        and cert, the verdicts :meth:`certify` gives each input."""
+        labels = torch.as_tensor(labels).reshape(-1)
+        results = self.certify_batch(x, labels, eps,
+                                     range(start_index, start_index + len(labels)))
+        nat = torch.tensor([r.status != "misclassified" and r.method != "nonfinite"
+                            for r in results], dtype=torch.bool)
+        pgd = nat & torch.tensor([r.status != "falsified" for r in results], dtype=torch.bool)
+        cert = torch.tensor([r.status == "certified" for r in results], dtype=torch.bool)
+        return {"nat": nat, "pgd": pgd, "cert": cert}
 
     def _threshold(self, lower: Tensor, upper: Tensor, run: ZonotopeRun, spec: Spec) -> Tensor:
         """(B, D) what each disjunct's float64 lower bound must exceed: the bound on the
@@ -877,16 +867,31 @@ class Certifier:
         err = fp_error.output_error(self.net64, lower, upper, run.pre_bounds, self.precision)
         return fp_error.margin_threshold(err, spec.A, spec.b, spec.owner, spec.n_disjuncts)
 
+    def _note_crossing(self, run: ZonotopeRun) -> None:
+        for r, (lo, up) in run.pre_bounds.items():
+            n = int(((lo < 0) & (up > 0)).flatten(1).sum(1).max()) if lo.shape[0] else 0
+            self._crossing_seen[r] = max(self._crossing_seen.get(r, 0), n)
+
     def _chunk_size(self) -> int:
         """Inputs per zonotope batch so that the generator tensors stay within the budget
-        (with autograd for the slopes, about 4 copies of the largest one)."""
+        (with autograd for the slopes, about 4 copies of the largest one). Before any input
+        has run, a quarter of all ReLUs are assumed to cross; then twice the most generators
+        a zonotope has had (new generators come only from crossing ReLUs)."""
         shapes = self.net64.shapes()
         widest = max(int(np.prod(s)) for s in shapes)
         n_in = int(np.prod(self.input_shape))
         gens = (self.compression.n_colors if self.compression else n_in)
         gens += sum(int(np.prod(shapes[r])) for r in self.relu_indices) // 4
         per_input = 8 * 4 * gens * widest
-        return max(1, min(64, ZONOTOPE_MEMORY_BUDGET // max(per_input, 1)))
+        if self._crossing_seen:
+            # Generators after block i: the input's (or colours) plus one per crossing ReLU up to
+            # i; twice the most seen, as the next inputs may cross more.
+            base = self.compression.n_colors if self.compression else n_in
+            per_input = max(8 * 4 * int(np.prod(shape)) * (base + 2 * sum(
+                c for r, c in self._crossing_seen.items() if r <= i))
+                for i, shape in enumerate(shapes[1:]))
+        return max(1, min(self.max_batch, ZONOTOPE_MEMORY_BUDGET // max(per_input, 1)))
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -899,8 +904,12 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
     """Natural, PGD-robust and certified counts (and rates) on up to ``max_inputs`` inputs.
 
     ``data``: a DataLoader / iterable of (x, y) batches, an (images, labels) pair of tensors or an
-    indexable data set of (image, label). Stages: clean, the full attack of ``cfg`` (batched),
-    zonotope, slopes and (if ``cfg.milp``) the per-label MILP with ``timeout_per_input_s`` each.
+    indexable data set of (image, label). The cascade of :meth:`Certifier.certify_batch`: clean,
+    quick attack, zonotope and slopes on batches (chunked to the memory cap), the full attack on
+    the inputs still open, then (``cfg.lp_refine``, ``cfg.milp``) LP and MILP per input; input i
+    (counted from 0) gets the verdict ``Certifier.certify(x_i, y_i, eps, index=i)`` gives it.
+    ``per_image``: {"nat", "pgd", "cert"} -> lists of n bools (:class:`PerImage`, JSON-ready, with a
+    tensor's ``tolist()``), one per input in order, for paired comparisons of trials.
     """
     cfg = cfg or CertifyConfig()
     if not eps >= 0:
@@ -911,17 +920,26 @@ def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | Non
     counts = {"n": 0, "nat": 0, "pgd": 0, "cert": 0}
     per_image: dict[str, list[Tensor]] = {"nat": [], "pgd": [], "cert": []}
     for x, y in _batches(data, batch_size, max_inputs):
-        out = certifier.batch(x, y, eps)
+        out = certifier.batch(x, y, eps, start_index=counts["n"])
         counts["n"] += len(y)
         for k in ("nat", "pgd", "cert"):
             counts[k] += int(out[k].sum())
-            per_image[k].append(out[k])
+            per_image[k].append(out[k].cpu())
     n = max(counts["n"], 1)
-    # per_image: (n,) bool tensors in input order, for paired comparisons of two nets.
+    # Per-image outcomes, in input order, for paired comparisons of trials on the same images.
+    # Lists of bools (JSON-ready: the scores dict may be stored as Optuna user attributes) that
+    # also answer .tolist() as a tensor would.
+    per = {k: PerImage(bool(b) for t in v for b in t.tolist()) for k, v in per_image.items()}
     return {**counts, "nat_acc": counts["nat"] / n, "pgd_acc": counts["pgd"] / n,
             "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0,
-            "per_image": {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool)
-                          for k, v in per_image.items()}}
+            "per_image": per}
+
+
+class PerImage(list):
+    """Per-image outcomes of :func:`certified_accuracy`: a list of bools with ``tolist()``."""
+
+    def tolist(self) -> list[bool]:
+        return list(self)
 
 
 def _batches(data: Any, batch_size: int, max_inputs: int | None
@@ -963,14 +981,18 @@ class _Adam:
         self.t = 0
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor]) -> None:
+    def step(self, grads: list[Tensor], mask: Tensor | None = None) -> None:
+        """``mask`` (B,): only these rows (inputs) of each parameter move."""
         lr = self.lr * 0.1 ** (self.t // self.step_size)
         self.t += 1
         c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             m.mul_(self.b1).add_(g, alpha=1 - self.b1)
             v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps)).clamp_(0, 1)
+            new = (p - lr * (m / c1) / ((v / c2).sqrt() + self.eps)).clamp_(0, 1)
+            if mask is not None:
+                new = torch.where(mask.view(-1, *([1] * (p.dim() - 1))), new, p)
+            p.copy_(new)
 
 
 class _Timer:

@@ -11,7 +11,8 @@
     python -m pipeline.certify --model net.onnx --vnnlib spec.vnnlib.gz --timeout-per-input 300 \
         --results out.txt
 
-One JSON line per input (index, label, predicted, status, method, time_s, counterexample for
+Inputs go through the cascade's cheap stages in batches (attack, zonotope, slopes); those left
+open take LP and MILP in ``--workers`` processes (default: one per core). One JSON line per input (index, label, predicted, status, method, time_s, counterexample for
 falsified, per-label bounds) is appended to ``--out`` with flush + fsync; inputs already in the file
 are skipped, so a killed run resumes (a torn last line is dropped). ``--retry-unknown`` runs the
 inputs the file holds as unknown again, as COLT's certification scripts do in later "tries" with
@@ -29,6 +30,8 @@ pipeline's launch uses it).
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -158,7 +161,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
                     cfg: CertifyConfig | None = None, out: str | Path | None = None, *,
                     start: int = 0, end: int | None = None, device: str | None = None,
-                    progress: bool = True, retry_unknown: bool = False) -> dict[str, Any]:
+                    progress: bool = True, retry_unknown: bool = False,
+                    workers: int = 1) -> dict[str, Any]:
     """Certify inputs ``start..end-1`` of a data set and return :func:`summarize` of them.
 
     ``data``: a DataConfig (its ``split`` is loaded with pipeline.data.load_split) or an indexable
@@ -167,6 +171,11 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
     ``end`` is None. ``retry_unknown``: inputs whose line says ``unknown`` are certified again
     (COLT's tries: a later try with a larger budget; its line supersedes the earlier one and
     counts its try in ``try``).
+
+    Inputs go through the cascade's batched stages (:meth:`Certifier.certify_batch`) a chunk at
+    a time; those left open take LP and MILP in this process (``workers`` 1) or in ``workers``
+    spawned processes (one torch and one solver thread each). Lines are written in index order
+    (completions out of order wait in memory), so a killed run resumes where its file ends.
     """
     cfg = cfg or CertifyConfig()
     if not eps >= 0:
@@ -184,29 +193,108 @@ def certify_dataset(net: Net, data: Any, split: str = "test", eps: float = 0.1,
                            f"{tuple(net.input_shape)}")
     done = read_results(out) if out else {}
     _check_resumed(done, eps, out)
+    if workers < 1:
+        raise CertifyError(f"--workers {workers}: must be >= 1")
     certifier = Certifier(net, cfg, _device(device))
     writer = ResultsWriter(out)
     rows = {i: done[i] for i in range(start, end)
             if i in done and not (retry_unknown and done[i].get("status") == "unknown")}
     todo = [i for i in range(start, end) if i not in rows]
-    try:
-        bar = _progress(todo, progress, len(rows), end - start)
-        for i in bar:
-            image, label = dataset[i]
-            result = certifier.certify(image, int(label), eps, index=i)
-            row = {**result.to_json(), "eps": eps}
+    bar = _progress_bar(progress, len(rows), end - start)
+    ready: dict[int, CertifyResult] = {}
+    position = 0  # the next index of ``todo`` to write
+
+    def flush() -> None:
+        nonlocal position
+        while position < len(todo) and todo[position] in ready:
+            i = todo[position]
+            row = {**ready.pop(i).to_json(), "eps": eps}
             if i in done:
                 row["try"] = int(done[i].get("try", 1)) + 1
             writer.write(row)
             rows[i] = row
-            if hasattr(bar, "set_postfix"):
+            position += 1
+            if bar is not None:
+                bar.update(1)
                 counts = [sum(r["status"] == s for r in rows.values()) for s in STATUSES[:3]]
                 bar.set_postfix(cert=counts[0], fals=counts[1], unk=counts[2])
+
+    pool = None  # started at the first input that needs LP/MILP
+    futures: dict[int, Any] = {}
+    try:
+        s = 0
+        while s < len(todo):
+            part = todo[s: s + certifier._chunk_size()]
+            s += len(part)
+            images = torch.stack([torch.as_tensor(dataset[i][0]) for i in part])
+            labels = torch.tensor([int(dataset[i][1]) for i in part])
+            for item in certifier.certify_batch(images, labels, eps, part, finish=False):
+                if isinstance(item, CertifyResult):
+                    ready[item.index] = item
+                elif workers > 1:
+                    pool = pool or _worker_pool(net, cfg, workers)
+                    futures[item.index] = pool.submit(_finish_in_worker, item.to("cpu"))
+                else:
+                    ready[item.index] = certifier.finish(item)
+                _collect(futures, ready, wait=False)
+                flush()
+        while futures:
+            _collect(futures, ready, wait=True)
+            flush()
+        flush()
     finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if bar is not None:
+            bar.close()
         writer.close()
     summary = summarize([rows[i] for i in sorted(rows)])
     log.info("summary: %s", format_summary(summary))
     return summary
+
+
+def _collect(futures: dict[int, Any], ready: dict[int, CertifyResult], wait: bool) -> None:
+    """Move finished worker results into ``ready`` (with ``wait``: at least the first one)."""
+    if not futures:
+        return
+    if wait:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_for
+
+        wait_for(list(futures.values()), return_when=FIRST_COMPLETED)
+    for i in [i for i, f in futures.items() if f.done()]:
+        ready[i] = futures.pop(i).result()
+
+
+# The Certifier of a worker process (built once by _init_worker).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_pool(net: Net, cfg: CertifyConfig, workers: int) -> Any:
+    """``workers`` spawned processes for LP/MILP, one torch thread and one solver thread each
+    (OMP_WAIT_POLICY=PASSIVE so that idle OpenMP threads do not spin on a shared core)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    cfg = dataclasses.replace(cfg, solver_threads=1)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    cpu_net = copy.deepcopy(net).cpu()
+    cpu_net.load_state_dict(state)
+    return ProcessPoolExecutor(max_workers=workers,
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(cpu_net, cfg))
+
+
+def _init_worker(net: Net, cfg: CertifyConfig) -> None:
+    torch.set_num_threads(1)
+    _WORKER["certifier"] = Certifier(net, cfg, "cpu")
+
+
+def _finish_in_worker(item: Any) -> CertifyResult:
+    return _WORKER["certifier"].finish(item)
 
 
 def _check_resumed(done: dict[int, dict[str, Any]], eps: float, out: Any) -> None:
@@ -322,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a CertifyConfig field (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the per-input LP/MILP stages (default: one per core; "
+                        "1: all in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -351,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 def _prepare(args: argparse.Namespace) -> Any:
     """Validate everything (model, data or property, config, eps, --out) and return the run;
     nothing is written before this returns."""
+    if args.workers < 1:
+        raise CertifyError(f"--workers {args.workers}: must be >= 1")
     overrides = list(args.overrides)
     if args.solver:
         overrides.append(f"solver={args.solver}")
@@ -407,7 +500,7 @@ def _run_dataset(net: Net, dataset: Any, eps: float, cfg: CertifyConfig,
                  args: argparse.Namespace, device: torch.device) -> int:
     summary = certify_dataset(net, dataset, args.split, eps, cfg, args.out, start=args.start,
                               end=args.end, device=str(device), progress=not args.no_progress,
-                              retry_unknown=args.retry_unknown)
+                              retry_unknown=args.retry_unknown, workers=args.workers)
     print(format_summary(summary))
     for method, stats in summary["by_method"].items():
         print(f"  {method}: {stats['n']} inputs, time mean {stats['time_mean_s']:.3f}s median "
@@ -518,14 +611,14 @@ def _n_outputs(net: Net) -> int:
     return int(np.prod(net.shapes()[-1]))
 
 
-def _progress(items: list[int], enabled: bool, initial: int, total: int) -> Any:
+def _progress_bar(enabled: bool, initial: int, total: int) -> Any:
     if not enabled:
-        return items
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
-        return items
-    return tqdm(items, total=total, initial=initial, desc="certify", unit="input",
+        return None
+    return tqdm(total=total, initial=initial, desc="certify", unit="input",
                 dynamic_ncols=True, file=sys.stderr)
 
 
