@@ -30,6 +30,14 @@ from analysis.data import VAL_CERT
 TEST_CERT = "test_cert_acc"
 
 
+def _min_count(group: pd.DataFrame) -> int:
+    """Fewest test images over a trial's launches; -1 where no launch recorded the count."""
+    if "n_test" not in group:
+        return -1
+    n = group["n_test"].astype(float).min()
+    return -1 if math.isnan(n) else int(n)
+
+
 def fidelity_table(trials: pd.DataFrame, launches: pd.DataFrame) -> pd.DataFrame:
     """Columns ``trial``, ``val_cert_acc``, ``test_cert_acc`` (mean over seeds), ``seeds``,
     ``test_cert_min``, ``test_cert_max``, ``n_test``, sorted by trial."""
@@ -48,7 +56,7 @@ def fidelity_table(trials: pd.DataFrame, launches: pd.DataFrame) -> pd.DataFrame
                     if VAL_CERT in group.columns else math.nan)
         rows.append([int(number), float(v), float(test.mean()), int(len(test)),
                      float(test.min()), float(test.max()),
-                     int(group["n_test"].astype(float).min()) if "n_test" in group else -1])
+                     _min_count(group)])
     return pd.DataFrame(rows, columns=cols).sort_values("trial").reset_index(drop=True)
 
 
