@@ -270,11 +270,11 @@ def test_launch_killed_anywhere_ends_like_an_uninterrupted_one(tmp_path: Path) -
     assert len(results) == 24 and certified_before < 24
     # Verdicts, methods and counterexamples are identical. A resumed run batches the cheap stages
     # from another first input, so chunks hold other inputs and the float64 bounds that reach the
-    # MILP can differ in their last digits: bounds agree to 1e-6 relative, not bit for bit.
+    # MILP can differ in their last digits, and so can the solver's bounds: agree to 1e-4 relative.
     ref_bounds = [r.pop("bounds", None) for r in ref_results]
     bounds = [r.pop("bounds", None) for r in results]
     assert strip_times(ref_results) == strip_times(results)
     for a, b in zip(ref_bounds, bounds):
         assert (a is None) == (b is None) and (a is None or a.keys() == b.keys()), (a, b)
         for key in a or {}:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
