@@ -75,7 +75,7 @@ class AffineBlock(nn.Module):
         g = n * u / (1 - n * u).clamp_min(0.5)
         g = torch.where(n * u < 0.5, g, torch.full_like(g, math.inf))
         out = self.abs_linear(err) + g * (self.abs_linear(mag + err) + self.abs_bias(err))
-        return out + n * _underflow(u)
+        return out + n * underflow(u)
 
     def abstract(self, element: Any, slope: Tensor | None = None,
                  bounds: tuple[Tensor, Tensor] | None = None) -> tuple[Any, None, None]:
@@ -108,7 +108,7 @@ class AffineBlock(nn.Module):
         return out
 
 
-def _underflow(u: float) -> float:
+def underflow(u: float) -> float:
     """Twice the smallest normal number of the precision with unit roundoff ``u``."""
     return 2.0 ** -125 if u > 2.0 ** -30 else 2.0 ** -1021
 
@@ -135,7 +135,7 @@ class Normalize(AffineBlock):
         ONNX graph may hold it: one more rounding), each exact up to a factor (1 + u)."""
         g = gamma(3 + extra, u)
         mean, std = self._shaped(self.mean, err).abs(), self._shaped(self.std, err).abs()
-        return err / std + g * (mag + err + mean) / std + 3 * _underflow(u)
+        return err / std + g * (mag + err + mean) / std + 3 * underflow(u)
 
     def abs_bias(self, like: Tensor) -> Tensor:
         return (self._shaped(self.mean, like) / self._shaped(self.std, like)).abs()

@@ -205,16 +205,20 @@ def random_huge_net(seed: int, bias_scale: float) -> Net:
     return Net(blocks, (1, 1, 3)).eval().requires_grad_(False)
 
 
+@pytest.mark.parametrize("zonotope_dtype", ["float64", "float32"])
 @pytest.mark.parametrize("bias_scale", [1.0, 1e4, 1e8, 1e12])
-def test_certified_means_robust_for_the_float32_run_on_sampled_points(bias_scale):
+def test_certified_means_robust_for_the_float32_run_on_sampled_points(bias_scale,
+                                                                      zonotope_dtype):
     """Random nets, some with huge biases: whatever is certified holds for the float32
     forward pass at every sampled point of the box (strictly: the label's logit is above every
-    other), and counterexamples are float32 points that break it."""
+    other), and counterexamples are float32 points that break it; with the first zonotope in
+    float64 or in float32."""
     certified = 0
     for seed in range(6):
         net = random_huge_net(seed, bias_scale)
         # No attacks: the verdict rests on the bounds (the clean point is still checked).
-        cert = Certifier(net, quick_cfg(pgd_restarts=0, pgd_quick_restarts=0, slope_iters=10))
+        cert = Certifier(net, quick_cfg(pgd_restarts=0, pgd_quick_restarts=0, slope_iters=10,
+                                        zonotope_dtype=zonotope_dtype))
         gen = torch.Generator().manual_seed(100 + seed)
         for j in range(4):
             x = torch.rand(1, 1, 3, generator=gen)
@@ -389,3 +393,109 @@ def test_vnnlib_numbers_are_read_exactly(tmp_path):
     assert Fraction(0.1) > Fraction(1, 10)
     assert not d.holds(np.array([0.1, 0.0]))
     assert d.holds(np.array([np.nextafter(0.1, 0.0), 0.0]))
+
+
+# ------------------------------------------------------------------------------------------
+# 5. A float32 first zonotope (zonotope_dtype = "float32"): its rounding is bounded
+# ------------------------------------------------------------------------------------------
+
+
+def small_conv_net(seed: int, shift: float) -> Net:
+    """A ConvMed-like net on (1, 8, 8) (the generator compression and the fused decompression
+    apply) with a +shift / -shift pair of biases that costs float32 digits."""
+    from pipeline.layers import Conv2d
+
+    gen = torch.Generator().manual_seed(seed)
+    conv1, conv2 = Conv2d(1, 4, 3, stride=2, padding=1), Conv2d(4, 4, 3, stride=2, padding=1)
+    fc1, fc2, fc3 = Linear(16, 12), Linear(12, 12), Linear(12, 4)
+    with torch.no_grad():
+        for m in (conv1, conv2, fc1, fc2, fc3):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / 2)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) / 4)
+        fc1.bias.add_(shift)
+        fc2.weight.copy_(torch.eye(12))
+        fc2.bias.copy_(torch.full((12,), -shift))
+    blocks = [Normalize((0.3,), (0.5,)), conv1, ReLU(), conv2, ReLU(), Flatten(), fc1, fc2,
+              ReLU(), fc3]
+    return Net(blocks, (1, 8, 8)).eval().requires_grad_(False)
+
+
+def _pre_activations(net64: Net, pts: torch.Tensor) -> dict[int, torch.Tensor]:
+    out, h = {}, pts
+    with torch.no_grad():
+        for i, block in enumerate(net64.blocks):
+            if block.is_relu:
+                out[i] = h.reshape(h.shape[0], -1)
+            h = block(h)
+    out[-1] = h
+    return out
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e3, 1e6])
+@pytest.mark.parametrize("make", [small_conv_net, lambda seed, shift: random_huge_net(seed,
+                                                                                      shift)])
+def test_float32_zonotope_rounding_bound_holds_at_sampled_points(make, shift):
+    """At points of the box (float64 forward passes: the exact network up to 1e-9 here), every
+    margin is at least the float32 zonotope's lower bound minus its rounding bound, and every
+    ReLU input lies in the widened float32 bounds. Without the rounding bound the large shifts
+    make float32 bounds wrong by many ulps: the check can fail."""
+    missed_without = 0
+    for seed in range(4):
+        net = make(seed, shift)
+        cert = Certifier(net, CertifyConfig(zonotope_dtype="float32"))
+        assert cert.zonotope_dtype == torch.float32
+        gen = torch.Generator().manual_seed(seed)
+        shape = tuple(net.input_shape)
+        x = torch.rand(1, *shape, generator=gen, dtype=torch.float64)
+        label = int(cert.net64(x).argmax(1))
+        # A point box first: its zonotope bound is the exact margin, up to the rounding.
+        lo, up = input_box(x, (0.0, 0.0, 0.01, 0.03)[seed])
+        run, rounding = cert._deepz(lo, up)
+        spec = Spec.robustness(torch.tensor([label]), cert.n_outputs)
+        lower = spec.lower(run.element)[0]
+        slack = (spec.A.abs()[0] @ rounding.radius.reshape(-1))  # |a| r per row
+        pts = lo + (up - lo) * torch.rand(400, *shape, generator=gen, dtype=torch.float64)
+        pts = torch.cat([pts, lo, up, x])
+        pre = _pre_activations(cert.net64, pts)
+        margins = (pre[-1] @ spec.A[0].T) - spec.b[0]  # rows a·y - b: y_label - y_j
+        tol = 1e-9 * (1 + shift)
+        assert bool((margins >= lower - slack - tol).all()), (seed, float((lower - slack
+                                                                            - margins).max()))
+        missed_without += int(bool((margins < lower - tol).any()))
+        for i, (blo, bup) in run.pre_bounds.items():
+            assert bool((pre[i] >= blo.reshape(1, -1) - tol).all()), (seed, i)
+            assert bool((pre[i] <= bup.reshape(1, -1) + tol).all()), (seed, i)
+        assert bool(torch.isfinite(slack).all())
+    if shift == 1e6:
+        # The radius is what keeps it sound here: the raw float32 bounds miss a margin.
+        assert missed_without > 0
+
+
+def test_float32_zonotope_is_used_only_where_it_is_sound(tmp_path):
+    """float32 DeepZ for a float32 model on the CPU; a DOUBLE model keeps float64."""
+    cfg = CertifyConfig(zonotope_dtype="float32")
+    assert Certifier(small_conv_net(0, 0.0), cfg).zonotope_dtype == torch.float32
+    w, b = np.array([[1.0, 2.0]]), np.array([0.5])
+    path = gemm_model(tmp_path / "d.onnx", [(w, b)], elem=TensorProto.DOUBLE)
+    assert Certifier(load_onnx(path), cfg).zonotope_dtype == torch.float64
+    with pytest.raises(ValueError, match="zonotope_dtype"):
+        CertifyConfig(zonotope_dtype="float16")
+
+
+def test_float32_zonotope_keeps_deepz_verdicts_on_a_trained_like_net():
+    """On a conv net without large shifts the float32 DeepZ certifies what float64 DeepZ does
+    (its thresholds are larger but far below typical margins), and never more."""
+    net = small_conv_net(3, 0.0)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(24, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    out = {}
+    for dt in ("float64", "float32"):
+        c = Certifier(net, CertifyConfig(zonotope_dtype=dt, slope_iters=0, pgd_restarts=0,
+                                         pgd_quick_restarts=0, milp=False))
+        out[dt] = [r.status for r in c.certify_batch(x, y, 0.01)]
+    assert out["float64"].count("certified") > 0
+    agree = sum(a == b for a, b in zip(out["float64"], out["float32"]))
+    assert agree >= len(y) - 1, out
+    assert out["float32"].count("certified") <= out["float64"].count("certified")

@@ -140,6 +140,14 @@ class Certifier:
         # bounds derived, in it (float64 only for a model that declares it, e.g. DOUBLE ONNX).
         self.precision = fp_error.model_precision(net)
         self.net_run = self.net32 if self.precision == torch.float32 else self.net64
+        # float32 DeepZ only where the float32 copy is the model itself and the convolutions are
+        # the CPU's (summation-order rounding only: no TF32, Winograd or FFT).
+        want32 = self.cfg.zonotope_dtype == "float32"
+        self.zonotope_dtype = torch.float32 if want32 and self.precision == torch.float32 \
+            and self.device.type == "cpu" else torch.float64
+        if want32 and self.zonotope_dtype == torch.float64:
+            log.info("zonotope_dtype float32 applies to float32 models on the CPU only: "
+                     "DeepZ runs in float64 here")
         self.input_shape = tuple(net.input_shape)
         self.finite = all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
                           if t.is_floating_point())
@@ -347,14 +355,14 @@ class Certifier:
         if not rows:
             return res
 
-        # 3. DeepZ in float64.
+        # 3. DeepZ, in float64 (or float32: ``zonotope_dtype``), its bounds then in float64.
         t = time.perf_counter()
         r = torch.as_tensor(rows, device=self.device)
         with torch.no_grad():
-            run = run_zonotope(self.net64, lower[r], upper[r], compression=self.compression)
+            run, rounding = self._deepz(lower[r], upper[r])
             self._note_crossing(run)
             tau[torch.as_tensor(rows)] = \
-                self._threshold(lower[r], upper[r], run, spec.select(r)).cpu()
+                self._threshold(lower[r], upper[r], run, spec.select(r), rounding).cpu()
             ok = record(rows, spec.select(r).lower(run.element))
         charge("zonotope", rows, time.perf_counter() - t)
         for k, j in enumerate(rows):
@@ -860,11 +868,31 @@ class Certifier:
         cert = torch.tensor([r.status == "certified" for r in results], dtype=torch.bool)
         return {"nat": nat, "pgd": pgd, "cert": cert}
 
-    def _threshold(self, lower: Tensor, upper: Tensor, run: ZonotopeRun, spec: Spec) -> Tensor:
+    def _deepz(self, lower: Tensor, upper: Tensor
+               ) -> tuple[ZonotopeRun, "fp_error.ZonotopeRounding | None"]:
+        """The first zonotope in ``self.zonotope_dtype``, returned in float64 (exact casts), and
+        for float32 the bound on its rounding. In float32 the box is rounded outwards first, so
+        that it contains the float64 one, and the ReLU bounds every later stage intersects with
+        are widened by that bound into valid ones."""
+        if self.zonotope_dtype == torch.float64:
+            return run_zonotope(self.net64, lower, upper, compression=self.compression), None
+        lo32, up32 = _outward(lower, upper, self.zonotope_dtype)
+        rounding = fp_error.ZonotopeRounding(lo32, up32, self.zonotope_dtype)
+        run = run_zonotope(self.net32, lo32, up32, compression=self.compression,
+                           rounding=rounding)
+        pair = lambda p: tuple(t.double() for t in p)  # noqa: E731
+        return ZonotopeRun(run.element.to(torch.float64), rounding.widened(run.pre_bounds),
+                           {q: pair(v) for q, v in run.relaxations.items()}), rounding
+
+    def _threshold(self, lower: Tensor, upper: Tensor, run: ZonotopeRun, spec: Spec,
+                   rounding: "fp_error.ZonotopeRounding | None" = None) -> Tensor:
         """(B, D) what each disjunct's float64 lower bound must exceed: the bound on the
-        floating-point error of the model's run and of the bound computation
-        (:mod:`pipeline.certify.fp_error`), from this region's reachable magnitudes."""
+        floating-point error of the model's run and of the bound computations (with
+        ``rounding``, that of a float32 first zonotope too; :mod:`pipeline.certify.fp_error`),
+        from this region's reachable magnitudes."""
         err = fp_error.output_error(self.net64, lower, upper, run.pre_bounds, self.precision)
+        if rounding is not None:
+            err = rounding.add_to(err)
         return fp_error.margin_threshold(err, spec.A, spec.b, spec.owner, spec.n_disjuncts)
 
     def _note_crossing(self, run: ZonotopeRun) -> None:
@@ -1034,6 +1062,15 @@ def _to_device(comp: GeneratorCompression, device: torch.device) -> GeneratorCom
         out.fuse_weight = comp.fuse_weight.to(device)
         out.fuse_map = comp.fuse_map.to(device)
     return out
+
+
+def _outward(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[lower, upper] in ``dtype``, rounded outwards: a box that contains the given one."""
+    lo, up = lower.to(dtype), upper.to(dtype)
+    inf = torch.tensor(math.inf, dtype=dtype, device=lo.device)
+    lo = torch.where(lo.double() > lower, torch.nextafter(lo, -inf), lo)
+    up = torch.where(up.double() < upper, torch.nextafter(up, inf), up)
+    return lo, up
 
 
 def _round_into(x: Tensor, lower: Tensor, upper: Tensor, dtype: torch.dtype) -> Tensor:

@@ -29,12 +29,13 @@ accumulation, flush-to-zero of subnormals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.layers import gamma
+from pipeline.layers import gamma, underflow
 from pipeline.nets import Net
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
@@ -148,6 +149,95 @@ def output_error(net: Net, lower: Tensor, upper: Tensor,
     out.bound = flat(e_abs) + gamma(n_gen, U64) * flat(big)
     out.magnitude = flat(big)
     return out
+
+
+class ZonotopeRounding:
+    """An a-posteriori bound on the rounding of one zonotope pass computed in a lower precision
+    (float32 DeepZ, ``CertifyConfig.zonotope_dtype``), from the values it computed:
+    ``run_zonotope(..., rounding=tracker)`` calls :meth:`step` before every block.
+
+    Invariant, per input and coordinate: every exact value the network reaches from the box at
+    the current block lies in the computed zonotope (c, G) widened by the box ``radius``, and
+    ``magnitude`` bounds its S = |c| + Σ_g |g|. No pass over the generators is needed:
+
+    * the box: its float32 centre and radii round by u each, so the radius starts at
+      2u max(|l|, |u|) and S at max(|l|, |u|) (1 + 4u);
+    * an affine block maps the widened zonotope into W(c, G) ± |W| r; computing W c + b and
+      every W g rounds by at most γ_n (|W| S + |b|) in all (summed over the generators), so the
+      radius becomes the layer's own rule ``fp_error(r, S, u)`` (plus the underflow of every
+      generator's products), and S at most |W| S + |b| plus that rounding;
+    * a ReLU takes the computed bounds l', u' = fl(c ∓ fl(Σ|g|)): there S <= max(|l'|, |u'|)
+      (1 + 2γ_{K+1}), and the true bounds of the widened zonotope are within d = r + γ_{K+1} S
+      of l', u'. The band λ'x + μ' ± μ' built for [l', u'] then holds on [l' - d, u' + d] up to
+      d (plus 8 u (|l'| + |u'| + d) for the rounding of λ' and μ'; nothing where the neuron is
+      stable even d beyond its bounds), and the new centre λ'c + μ' and generators λ'g round by
+      γ_2 (λ' S + |μ'|) + u λ' S: the radius becomes λ' r + those, S at most
+      (1 + γ_2)(λ' S + 2|μ'|). ``widen[i]`` = d: the computed ReLU bounds widened by it are
+      valid bounds for later (float64) zonotopes to intersect with.
+
+    At the end, a margin row a · y of the exact network is at least the computed zonotope's
+    lower bound minus |a| · ``radius`` (:meth:`add_to`).
+    """
+
+    def __init__(self, lower: Tensor, upper: Tensor,
+                 precision: torch.dtype = torch.float32) -> None:
+        self.u = UNIT_ROUNDOFF[precision]
+        edge = torch.maximum(lower.double().abs(), upper.double().abs())
+        self.radius = 2 * self.u * edge + underflow(self.u)
+        self.magnitude = edge * (1 + 4 * self.u) + underflow(self.u)
+        self.widen: dict[int, Tensor] = {}
+
+    def step(self, index: int, block: torch.nn.Module, element: Any,
+             pre: tuple[Tensor, Tensor] | None = None,
+             relax: tuple[Tensor, Tensor] | None = None) -> None:
+        """Account for ``block`` (index ``index``) applied to ``element`` (its input; for a
+        ReLU, ``pre`` and ``relax`` are the bounds and the relaxation it used)."""
+        u = self.u
+        k = element.generators.shape[1]
+        r, mag = self.radius, self.magnitude
+        if block.is_relu:
+            shape = r.shape
+            lo, up = (t.double().reshape(shape) for t in pre)
+            lam, mu = (t.double().reshape(shape) for t in relax)
+            g = gamma(k + 1, u)
+            mag = torch.minimum(mag, torch.maximum(lo.abs(), up.abs()) * (1 + 2 * g))
+            d = (r + g * mag) * (1 + 2.0 ** -40)
+            robust = ((lo - d) >= 0) | ((up + d) <= 0)
+            crossing = (lo < 0) & (up > 0)
+            band = torch.where(crossing, 8 * u * (lo.abs() + up.abs() + d), 0.0)
+            viol = torch.where(robust, 0.0, d + band)
+            ops = gamma(2, u) * (lam * mag + mu.abs()) + u * lam * mag
+            self.radius = (lam * r + viol + ops) * (1 + 2.0 ** -40)
+            self.magnitude = (1 + gamma(2, u)) * (lam * mag + 2 * mu.abs()) * (1 + 2.0 ** -40)
+            self.widen[index] = d
+            return
+        # The rule counts one output's underflows; every generator has its own.
+        n_in = int(np.prod(r.shape[1:]))
+        self.radius = (block.fp_error(r, mag, u) + (k + 1) * n_in * underflow(u)) \
+            * (1 + 2.0 ** -40)
+        self.magnitude = (_abs_affine(block, mag) + block.fp_error(torch.zeros_like(mag), mag, u)
+                          + (k + 1) * n_in * underflow(u)) * (1 + 2.0 ** -40)
+
+    def finish(self, element: Any) -> None:
+        """Nothing to add: ``magnitude`` already bounds the final zonotope's entries."""
+
+    def widened(self, pre_bounds: dict[int, tuple[Tensor, Tensor]]
+                ) -> dict[int, tuple[Tensor, Tensor]]:
+        """The computed ReLU bounds (cast to float64) widened into valid ones."""
+        out = {}
+        for i, (lo, up) in pre_bounds.items():
+            lo, up = lo.double(), up.double()
+            d = self.widen[i].reshape(lo.shape) * (1 + 2.0 ** -40)
+            out[i] = (lo - d - lo.abs() * 2.0 ** -50, up + d + up.abs() * 2.0 ** -50)
+        return out
+
+    def add_to(self, err: OutputError) -> OutputError:
+        """``err`` for margins computed on this zonotope: its radius joins the bound, its
+        magnitudes those the float64 margin rows handle."""
+        flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
+        err.bound = err.bound + flat(self.radius)
+        err.magnitude = torch.maximum(err.magnitude, flat(self.magnitude))
+        return err
 
 
 def _slack(e_abs: Tensor, mag: Tensor) -> Tensor:

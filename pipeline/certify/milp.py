@@ -231,11 +231,14 @@ def run_zonotope(net: Net, lower: Tensor, upper: Tensor, *, end: int | None = No
                  slopes: dict[int, Tensor] | None = None,
                  refined: dict[int, tuple[Tensor, Tensor]] | None = None,
                  keep: tuple[int, ...] | list[int] = (), all_bounds: bool = False,
-                 compression: GeneratorCompression | None = None) -> ZonotopeRun:
+                 compression: GeneratorCompression | None = None,
+                 rounding: Any = None) -> ZonotopeRun:
     """Push the box [lower, upper] (B, *input_shape) through blocks 0..end.
 
     The dtype is the inputs' (float64 for deciding bounds). Gradients flow to ``slopes`` if the
     caller enables them. Any λ ∈ [0, 1] gives a sound result (zonotope.relu_relaxation).
+    ``rounding`` (a :class:`pipeline.certify.fp_error.ZonotopeRounding`) is told every block's
+    input, to bound the rounding of a pass in a lower precision.
     """
     end = len(net.blocks) - 1 if end is None else end
     slopes, refined = slopes or {}, refined or {}
@@ -247,7 +250,10 @@ def run_zonotope(net: Net, lower: Tensor, upper: Tensor, *, end: int | None = No
     i = 0
     while i <= end:
         block = net.blocks[i]
+        before = element
         element, pre, relax = block.abstract(element, slopes.get(i), refined.get(i))
+        if rounding is not None:
+            rounding.step(i, block, before, pre, relax)
         if pre is not None:
             run.pre_bounds[i] = pre
             run.relaxations[i] = relax
@@ -268,6 +274,9 @@ def run_zonotope(net: Net, lower: Tensor, upper: Tensor, *, end: int | None = No
                         lo, up = run.block_bounds[i]
                         run.block_bounds[j] = (lo.reshape(lo.shape[0], -1),
                                                up.reshape(up.shape[0], -1))
+                if rounding is not None:
+                    for j in range(i + 1, g + 1):
+                        rounding.step(j, net.blocks[j], element)
                 element = compression.fused(element, net)
                 i = g
                 if all_bounds:
@@ -278,6 +287,8 @@ def run_zonotope(net: Net, lower: Tensor, upper: Tensor, *, end: int | None = No
                 element = compression.decompress(element, i)
         i += 1
     run.element = element
+    if rounding is not None:
+        rounding.finish(element)
     return run
 
 
