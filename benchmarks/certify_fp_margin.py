@@ -74,7 +74,7 @@ def paired(n: int) -> None:
 
     from pipeline.certify.cascade import Certifier, Spec
     from pipeline.certify.milp import run_zonotope
-    from pipeline.certify.onnx_vnnlib import load_onnx
+    from pipeline.certify.onnx_import import load_onnx
     from pipeline.domains.zonotope import input_box
 
     torch.set_num_threads(1)

@@ -664,7 +664,8 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
 def test_cli_vnnlib_cifar_spec_with_tiny_network(tmp_path, capsys):
     if not CIFAR_SPEC.exists():
         pytest.skip("VNN-COMP cifar2020 specs not available")
-    from pipeline.certify.onnx_vnnlib import load_onnx, load_vnnlib
+    from pipeline.certify.onnx_import import load_onnx
+    from pipeline.certify.vnnlib import load_vnnlib
 
     prop = load_vnnlib(CIFAR_SPEC, (3, 32, 32))
     label = prop.is_robustness_of()

@@ -150,7 +150,7 @@ def mnist_rows(n: int):
 @pytest.mark.skipif(not (COLT_ONNX.exists() and MNIST_CSV.exists()),
                     reason="COLT's MNIST network or ERAN's CSV not available")
 def test_colt_mnist_slice_batched_equals_per_input():
-    from pipeline.certify.onnx_vnnlib import load_onnx
+    from pipeline.certify.onnx_import import load_onnx
 
     net = load_onnx(COLT_ONNX, (0.1307,), (0.3081,)).eval()
     x, y = mnist_rows(40)

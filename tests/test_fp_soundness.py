@@ -16,10 +16,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.certify import fp_error
-from pipeline.certify.cascade import Certifier, Spec
+from pipeline.certify.cascade import Certifier
 from pipeline.certify.cli import certify_vnnlib, main
 from pipeline.certify.milp import run_zonotope
-from pipeline.certify.onnx_vnnlib import ModelFormatError, load_onnx, load_vnnlib
+from pipeline.certify.onnx_import import ModelFormatError, load_onnx
+from pipeline.certify.spec import Spec
+from pipeline.certify.vnnlib import load_vnnlib
 from pipeline.config import CertifyConfig
 from pipeline.domains.zonotope import input_box
 from pipeline.evaluate import zonotope_certified

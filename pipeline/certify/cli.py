@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.certify.onnx_vnnlib import ModelFormatError, PropertyFormatError
+    from pipeline.certify.onnx_import import ModelFormatError
+    from pipeline.certify.vnnlib import PropertyFormatError
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
 
@@ -461,7 +462,7 @@ def _prepare(args: argparse.Namespace) -> Any:
     if args.results and Path(args.results).is_dir():
         raise CertifyError(f"--results {args.results}: is a directory (give a file name)")
     if args.vnnlib:
-        from pipeline.certify.onnx_vnnlib import load_vnnlib
+        from pipeline.certify.vnnlib import load_vnnlib
 
         prop = load_vnnlib(args.vnnlib, tuple(net.input_shape))
         if args.out and Path(args.out).exists():
@@ -546,7 +547,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Net, Any]:
         raise CertifyError(f"{path}: no such model file")
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     if path.suffix.lower() == ".onnx":
-        from pipeline.certify.onnx_vnnlib import load_onnx
+        from pipeline.certify.onnx_import import load_onnx
 
         return load_onnx(path, mean, std).eval(), None
     if mean is not None or std is not None:
