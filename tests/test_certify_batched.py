@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.certify.cascade import Certifier, OpenInput, certified_accuracy
+from pipeline.certify.cascade import Certifier, OpenInput
+from pipeline.certify.scoring import certified_accuracy
 from pipeline.certify.cli import certify_dataset, read_results
 from pipeline.config import CertifyConfig
 from pipeline.nets import build_net

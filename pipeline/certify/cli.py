@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.certify.cascade import STATUSES, Certifier, CertifyError, CertifyResult, vnn_answer
+from pipeline.certify.cascade import Certifier
+from pipeline.certify.spec import STATUSES, CertifyError, CertifyResult, vnn_answer
 from pipeline.config import CertifyConfig, ConfigError, DataConfig, load_certify_config
 from pipeline.nets import Net, NetError
 
