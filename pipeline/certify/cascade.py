@@ -31,7 +31,6 @@ Non-finite inputs, weights or bounds are never certified; a timeout is "unknown"
     result = certifier.certify(x, label, eps=0.1, index=0)     # x: (C, H, W) in [0, 1]
     result.status, result.method, result.time_s
 
-
 The stages live in their own modules: :mod:`~pipeline.certify.counterexamples` (attacks and the
 exact counterexample check), :mod:`~pipeline.certify.slopes` (stage 4), DeepZ and the error
 bounds on :class:`~pipeline.certify.prepared.PreparedNet`, :mod:`~pipeline.certify.lp_milp_stage`
@@ -39,7 +38,6 @@ bounds on :class:`~pipeline.certify.prepared.PreparedNet`, :mod:`~pipeline.certi
 Validation scoring over a data set is :func:`pipeline.certify.scoring.certified_accuracy`; the
 CLI (``python -m pipeline.certify``, README) certifies data sets and VNN-LIB properties.
 """
-
 
 from __future__ import annotations
 
@@ -96,7 +94,6 @@ class OpenInput:
                          self.spec.to(device), self.best, self.todo, self.tau, self.spent,
                          move(self.slopes), move(self.priority),
                          {k: (lo.to(device), up.to(device)) for k, (lo, up) in self.known.items()})
-
 
 
 class Certifier(PreparedNet):
@@ -505,7 +502,6 @@ class _Timer:
     def __exit__(self, *exc: Any) -> None:
         times = self.result.stage_times
         times[self.stage] = times.get(self.stage, 0.0) + time.perf_counter() - self.t
-
 
 
 def __getattr__(name: str) -> Any:
