@@ -52,7 +52,7 @@ PAPER = "COLT paper: 97.1% certified on the full 10,000-image test set (natural 
 
 def load_net(kind: str, root: Path):
     if kind == "onnx":
-        from pipeline.certify.onnx_vnnlib import load_onnx
+        from pipeline.certify.onnx_import import load_onnx
 
         return load_onnx(root / ONNX, MEAN, STD)
     from pipeline.nets import build_net, load_colt_state_dict

@@ -72,9 +72,9 @@ def paired(n: int) -> None:
     import numpy as np
     import torch
 
-    from pipeline.certify.cascade import Certifier, Spec
-    from pipeline.certify.milp import run_zonotope
-    from pipeline.certify.onnx_vnnlib import load_onnx
+    from pipeline.certify.cascade import Certifier
+    from pipeline.certify.onnx_import import load_onnx
+    from pipeline.certify.spec import Spec
     from pipeline.domains.zonotope import input_box
 
     torch.set_num_threads(1)
@@ -92,10 +92,10 @@ def paired(n: int) -> None:
         spec = Spec.robustness(torch.tensor([int(labels[i])]), 10)
         with torch.no_grad():
             t0 = time.perf_counter()
-            run = run_zonotope(cert.net64, lower, upper, compression=cert.compression)
+            run = cert.zonotope(lower, upper)
             lb = spec.lower(run.element)
             t1 = time.perf_counter()
-            tau = cert._threshold(lower, upper, run, spec)
+            tau = cert.threshold(lower, upper, run, spec)
             t2 = time.perf_counter()
         zono.append(t1 - t0)
         tau_t.append(t2 - t1)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from certify_colt_mnist import EPS, load_images, load_net  # noqa: E402
 
-from pipeline.certify.cascade import Certifier, certified_accuracy  # noqa: E402
+from pipeline.certify.cascade import Certifier  # noqa: E402
+from pipeline.certify.scoring import certified_accuracy  # noqa: E402
 from pipeline.certify.cli import summarize  # noqa: E402
 from pipeline.config import CertifyConfig  # noqa: E402
 

@@ -30,7 +30,7 @@ TRAIN_SET = ["epochs_per_stage=1", "mix_epochs=0", "lr_step=1", "data.max_train_
 MEASURE = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
-from pipeline.certify.cascade import certified_accuracy
+from pipeline.certify.scoring import certified_accuracy
 from pipeline.config import load_certify_config
 from pipeline.data import make_loaders
 from pipeline.train import load_trained_net

@@ -96,6 +96,9 @@ class StudySettings:
     # Pruning is never done before this many stages have reported.
     pruner_warmup_stages: int = 1
     pruner_startup_trials: int = 2
+    # Validation images scored after every stage but the last (what the pruner sees), the first
+    # of those the last stage scores ([certify_val] n_inputs); 0: as many as the last stage.
+    stage_inputs: int = 0
     objective: Literal["cert", "pareto"] = "cert"
     # Constraint for objective "cert": trials below this validation natural accuracy are infeasible.
     min_nat_acc: float = 0.0
@@ -121,6 +124,7 @@ class StudySettings:
         _check(self.objective in ("cert", "pareto"),
                f"study.objective = {self.objective!r}: allowed cert, pareto")
         _check(0 <= self.min_nat_acc <= 1, f"study.min_nat_acc = {self.min_nat_acc}: in [0, 1]")
+        _check(self.stage_inputs >= 0, f"study.stage_inputs = {self.stage_inputs}: must be >= 0")
         _check(self.heartbeat_interval_s >= 1, "study.heartbeat_interval_s: must be >= 1")
         _check(self.grace_period_s > self.heartbeat_interval_s,
                "study.grace_period_s: must be larger than heartbeat_interval_s")

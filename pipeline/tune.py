@@ -349,18 +349,31 @@ def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
     return trial.number if original is None else original
 
 
-def score(net: Any, loader: Any, cfg: TrainConfig, study: StudyFile) -> dict[str, float]:
-    """Validation accuracies: natural, PGD and certified by the cascade's cheap stages."""
+def stage_inputs(study: StudyFile, stage: int, num_stages: int) -> int:
+    """Validation images scored after ``stage`` (0: all of the split): ``[study] stage_inputs``
+    before the last stage, ``[certify_val] n_inputs`` at it (and never more than that)."""
+    last = study.certify_val.n_inputs
+    early = study.settings.stage_inputs
+    if stage >= num_stages - 1 or not early:
+        return last
+    return min(early, last) if last else early
+
+
+def score(net: Any, loader: Any, cfg: TrainConfig, study: StudyFile,
+          n_inputs: int | None = None) -> dict[str, float]:
+    """Validation accuracies: natural, PGD and certified by the cascade's cheap stages, on the
+    first ``n_inputs`` images (default ``[certify_val] n_inputs``; 0: all)."""
     from tqdm import tqdm
 
-    from pipeline.certify.cascade import certified_accuracy
+    from pipeline.certify.scoring import certified_accuracy
 
     c = study.certify_val
+    limit = c.n_inputs if n_inputs is None else n_inputs
     size = len(loader.dataset) if hasattr(loader, "dataset") else None
-    n = min(size, c.n_inputs) if size is not None and c.n_inputs else size
+    n = min(size, limit) if size is not None and limit else size
     log.info("scoring on %s validation images", n if n is not None else "all")
     if size is None or not getattr(loader, "batch_size", None):
-        return certified_accuracy(net, loader, cfg.eps, c, max_inputs=c.n_inputs or None,
+        return certified_accuracy(net, loader, cfg.eps, c, max_inputs=limit or None,
                                   device=next(net.parameters()).device)
     # Progress over the batches that certified_accuracy reads (it stops after n inputs); a
     # generator, so that it is iterated batch by batch like the loader itself.
@@ -371,7 +384,7 @@ def score(net: Any, loader: Any, cfg: TrainConfig, study: StudyFile) -> dict[str
                 yield batch
                 bar.update(1)
 
-        return certified_accuracy(net, batches(), cfg.eps, c, max_inputs=c.n_inputs or None,
+        return certified_accuracy(net, batches(), cfg.eps, c, max_inputs=limit or None,
                                   device=next(net.parameters()).device)
 
 
@@ -410,6 +423,7 @@ class Objective:
             trial.set_user_attr("n_valid", loaders.split.n_valid)
         self._record_config(trial, cfg, loaders)
         stage_times: list[float] = []
+        score_times: list[float] = []
         stage_start = [time.perf_counter()]
         scores: dict[str, float] = {}
 
@@ -422,14 +436,19 @@ class Objective:
             from pipeline.checkpoint import rng_state, set_rng_state
 
             rng = rng_state()
+            t = time.perf_counter()
             try:
+                n = stage_inputs(study, report.stage, cfg.num_stages)
                 scores.update(self._scored(trial, report.stage,
-                                           score(report.net, loaders.valid, cfg, study)))
+                                           score(report.net, loaders.valid, cfg, study, n)))
             finally:
                 set_rng_state(rng)
+            score_times.append(time.perf_counter() - t)
             log.info("stage %d scored: %s", report.stage, score_text(scores))
             report.net.train()
+            # Training and validation-scoring wall time per stage (their ratio: the scoring share).
             trial.set_user_attr("stage_time_s", stage_times)
+            trial.set_user_attr("score_time_s", score_times)
             trial.set_user_attr(f"stage{report.stage}_val", scores)
             if study.settings.objective == "cert":
                 trial.report(scores["cert_acc"], report.stage)
@@ -486,13 +505,16 @@ class Objective:
         split = loaders.split
         n_split = split.n_valid if split is not None else 0
         n_scored = min(c.n_inputs, n_split) if c.n_inputs else n_split
+        early = stage_inputs(self.study, 0, cfg.num_stages)
+        n_early = min(early, n_split) if early else n_split
         trial.set_user_attr("train_config", to_dict(cfg))
         trial.set_user_attr("certify_val", to_dict(c))
         trial.set_user_attr("val_inputs", {
             "split_seed": split.seed if split is not None else None,
             "split_hash": split.hash if split is not None else None,
-            "n_valid": n_split, "n_scored": n_scored,
-            "subset": f"the first {n_scored} of the split's validation indices, in split order"})
+            "n_valid": n_split, "n_scored": n_scored, "n_scored_early_stages": n_early,
+            "subset": f"the first {n_scored} of the split's validation indices, in split order"
+                      f" (the first {n_early} after every stage but the last)"})
         trial.set_user_attr("budget", {
             "epochs_per_stage": cfg.epochs_per_stage, "stages": cfg.num_stages,
             "epochs": cfg.epochs_per_stage * cfg.num_stages, "mix_epochs": cfg.mix_epochs,

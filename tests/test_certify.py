@@ -18,7 +18,9 @@ import torch
 from scipy.optimize import linprog
 
 from pipeline.attacks import pgd_attack
-from pipeline.certify.cascade import Certifier, CertifyError, Spec, certified_accuracy
+from pipeline.certify.cascade import Certifier
+from pipeline.certify.scoring import certified_accuracy
+from pipeline.certify.spec import CertifyError, Spec
 from pipeline.certify.cli import main as cli_main
 from pipeline.certify.cli import read_results
 from pipeline.certify.milp import (
@@ -163,7 +165,7 @@ def test_milp_from_input_with_all_binaries_is_exact(seed):
     assert res.bound == pytest.approx(truth, abs=1e-5)
     assert res.value == pytest.approx(truth, abs=1e-5)
     # zonotope bound <= MILP optimum <= best attack value
-    from pipeline.certify.cascade import Spec
+    from pipeline.certify.spec import Spec
 
     spec = Spec.disjunctive([(c[None], np.zeros(1))])
     zono = float(spec.lower(run_zonotope(net64, lo, up).element)[0, 0])
@@ -664,7 +666,8 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
 def test_cli_vnnlib_cifar_spec_with_tiny_network(tmp_path, capsys):
     if not CIFAR_SPEC.exists():
         pytest.skip("VNN-COMP cifar2020 specs not available")
-    from pipeline.certify.onnx_vnnlib import load_onnx, load_vnnlib
+    from pipeline.certify.onnx_import import load_onnx
+    from pipeline.certify.vnnlib import load_vnnlib
 
     prop = load_vnnlib(CIFAR_SPEC, (3, 32, 32))
     label = prop.is_robustness_of()

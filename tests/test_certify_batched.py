@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.certify.cascade import Certifier, OpenInput, certified_accuracy
+from pipeline.certify.cascade import Certifier, OpenInput
+from pipeline.certify.scoring import certified_accuracy
 from pipeline.certify.cli import certify_dataset, read_results
 from pipeline.config import CertifyConfig
 from pipeline.nets import build_net
@@ -150,7 +151,7 @@ def mnist_rows(n: int):
 @pytest.mark.skipif(not (COLT_ONNX.exists() and MNIST_CSV.exists()),
                     reason="COLT's MNIST network or ERAN's CSV not available")
 def test_colt_mnist_slice_batched_equals_per_input():
-    from pipeline.certify.onnx_vnnlib import load_onnx
+    from pipeline.certify.onnx_import import load_onnx
 
     net = load_onnx(COLT_ONNX, (0.1307,), (0.3081,)).eval()
     x, y = mnist_rows(40)

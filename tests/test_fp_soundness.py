@@ -16,10 +16,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.certify import fp_error
-from pipeline.certify.cascade import Certifier, Spec
+from pipeline.certify.cascade import Certifier
 from pipeline.certify.cli import certify_vnnlib, main
 from pipeline.certify.milp import run_zonotope
-from pipeline.certify.onnx_vnnlib import ModelFormatError, load_onnx, load_vnnlib
+from pipeline.certify.onnx_import import ModelFormatError, load_onnx
+from pipeline.certify.spec import Spec
+from pipeline.certify.vnnlib import load_vnnlib
 from pipeline.config import CertifyConfig
 from pipeline.domains.zonotope import input_box
 from pipeline.evaluate import zonotope_certified
@@ -450,7 +452,7 @@ def test_float32_zonotope_rounding_bound_holds_at_sampled_points(make, shift):
         label = int(cert.net64(x).argmax(1))
         # A point box first: its zonotope bound is the exact margin, up to the rounding.
         lo, up = input_box(x, (0.0, 0.0, 0.01, 0.03)[seed])
-        run, rounding = cert._deepz(lo, up)
+        run, rounding = cert.deepz(lo, up)
         spec = Spec.robustness(torch.tensor([label]), cert.n_outputs)
         lower = spec.lower(run.element)[0]
         slack = (spec.A.abs()[0] @ rounding.radius.reshape(-1))  # |a| r per row

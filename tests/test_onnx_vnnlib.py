@@ -1,4 +1,5 @@
-"""ONNX -> Net and VNN-LIB -> VnnlibProperty (pipeline.certify.onnx_vnnlib)."""
+"""ONNX -> Net (pipeline.certify.onnx_import) and VNN-LIB -> VnnlibProperty
+(pipeline.certify.vnnlib)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.certify.onnx_vnnlib import (Disjunct, ModelFormatError, PropertyFormatError,
-                                          VnnlibProperty, load_onnx, load_vnnlib)
+from pipeline.certify.onnx_import import ModelFormatError, load_onnx
+from pipeline.certify.vnnlib import Disjunct, PropertyFormatError, VnnlibProperty, load_vnnlib
 from pipeline.layers import Conv2d, Flatten, Linear, Normalize, ReLU
 from pipeline.nets import Net, build_net, load_colt_state_dict
 

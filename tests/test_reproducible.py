@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow  # end to end: a tiny study and a re-run, in subpr
 TINY = ["--set", "trial.epochs_per_stage=1", "--set", "trial.mix_epochs=1",
         "--set", "trial.lr_step=1", "--set", "trial.data.max_train_images=200",
         "--set", "train.data.n_valid=60", "--set", "certify_val.n_inputs=60",
+        "--set", "study.stage_inputs=40",
         "--set", "study.sampler=random", "--set", "study.seed=3", "--set", "study.pruner=none",
         "--set", "trial.device=cpu"]
 
@@ -57,7 +58,12 @@ def test_trial_records_resolved_config_and_validation_inputs(tuned):
     assert trial.user_attrs["budget"]["n_train"] == 200
     lo, hi = trial.user_attrs["val_cert_ci"]
     assert lo <= trial.user_attrs["val_cert_acc"] <= hi
+    # Every stage but the last scores the first study.stage_inputs images, the last n_inputs.
     assert trial.user_attrs["stage2_cert_bits"]["n"] == 60
+    assert trial.user_attrs["stage0_cert_bits"]["n"] == 40
+    assert trial.user_attrs["stage1_cert_bits"]["n"] == 40
+    assert val["n_scored_early_stages"] == 40
+    assert len(trial.user_attrs["score_time_s"]) == len(trial.user_attrs["stage_time_s"]) == 3
 
 
 def test_rerun_from_database_gives_the_same_weights(tuned):

@@ -5,7 +5,8 @@ Per input (reference §4.1, reordered so that the common case is cheap):
 
 1. clean prediction (float64): a wrong one is "misclassified";
 2. a quick input attack (``pgd_quick_restarts`` x ``pgd_quick_steps``, restarts batched);
-3. the zonotope (DeepZ) in float64 - it alone certifies most inputs of a COLT network;
+3. the zonotope (DeepZ) in float64 (or float32, ``zonotope_dtype``, its rounding bounded) - it
+   alone certifies most inputs of a COLT network;
 4. per-neuron ReLU slopes λ ∈ [0, 1] optimised by Adam on the worst-case margins (COLT's
    learn_slopes: DeepZ start, lr ``slope_lr``, StepLR(``slope_lr_step``, 0.1), clamp, early exit
    when verified or on a plateau of ``slope_patience`` steps), in float32 for speed; a margin
@@ -31,13 +32,16 @@ Non-finite inputs, weights or bounds are never certified; a timeout is "unknown"
     result = certifier.certify(x, label, eps=0.1, index=0)     # x: (C, H, W) in [0, 1]
     result.status, result.method, result.time_s
 
-    certified_accuracy(net, (images, labels), eps, cfg, max_inputs=500)  # nat / pgd / cert counts
+The stages live in their own modules: :mod:`~pipeline.certify.counterexamples` (attacks and the
+exact counterexample check), :mod:`~pipeline.certify.slopes` (stage 4), DeepZ and the error
+bounds on :class:`~pipeline.certify.prepared.PreparedNet`, :mod:`~pipeline.certify.lp_milp_stage`
+(stages 6-7); this module orders them, shares each input's budget and keeps its verdict.
+Validation scoring over a data set is :func:`pipeline.certify.scoring.certified_accuracy`; the
+CLI (``python -m pipeline.certify``, README) certifies data sets and VNN-LIB properties.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
 import math
 import time
 from collections.abc import Iterable
@@ -46,53 +50,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.certify import fp_error
-# The result and property types live in spec.py; re-exported here for existing imports.
-from pipeline.certify.spec import (  # noqa: F401
-    METHODS,
-    STATUSES,
-    CertifyError,
-    CertifyResult,
-    Spec,
-    vnn_answer,
-)
-from pipeline.certify.milp import (
-    EncodingError,
-    GeneratorCompression,
-    MilpEncoder,
-    ZonotopeRun,
-    lp_tighten,
-    run_zonotope,
-    solve_disjunct,
-)
+from pipeline.certify.counterexamples import attack_batch, round_into
+from pipeline.certify.lp_milp_stage import lp_layers, lp_refine, milp_starts, run_milps
+from pipeline.certify.milp import EncodingError, ZonotopeRun
+from pipeline.certify.prepared import PreparedNet
+from pipeline.certify.slopes import optimise_slopes
+from pipeline.certify.spec import CertifyError, CertifyResult, Spec
 from pipeline.config import CertifyConfig
 from pipeline.domains.zonotope import input_box
 from pipeline.nets import Net
 
-log = logging.getLogger(__name__)
 # Memory a batch of zonotopes (certify_batch, certified_accuracy) may take, in bytes.
 ZONOTOPE_MEMORY_BUDGET = 1 << 30
-# Host syncs of the batched loops: the attack confirms its float32 candidates in float64 every
-# this many steps, the slope loop re-checks its ready inputs in float64 every this many steps.
-ATTACK_CONFIRM_EVERY = 5
-SLOPE_CHECK_EVERY = 5
-
-
-# ---------------------------------------------------------------------------------------------
-# The certifier
-
-
-@dataclass
-class _SlopeOutcome:
-    bounds: Tensor  # (B, D) best float64 lower bounds proved
-    verified: Tensor  # (B, D)
-    slopes: dict[int, Tensor]  # float64, the best λ per image (for the MILP)
-    priority: dict[int, Tensor]  # |∂loss/∂λ| of each input's last step
-    iterations: int
-    stepped: list[bool]  # per input: did it take a step (else its priority means nothing)
 
 
 @dataclass
@@ -126,43 +97,14 @@ class OpenInput:
                          {k: (lo.to(device), up.to(device)) for k, (lo, up) in self.known.items()})
 
 
-class Certifier:
+class Certifier(PreparedNet):
     """The cascade for one network: float32 and float64 copies, the generator compression and
-    the MILP matrices are prepared once and reused for every input."""
+    the MILP matrices are prepared once (:class:`PreparedNet`) and reused for every input."""
 
     def __init__(self, net: Net, cfg: CertifyConfig | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.cfg = cfg or CertifyConfig()
-        self.device = torch.device(device)
-        self.net32 = _frozen_copy(net, torch.float32, self.device)
-        self.net64 = _frozen_copy(net, torch.float64, self.device)
-        # The precision the model runs in: counterexamples are checked, and the margins' error
-        # bounds derived, in it (float64 only for a model that declares it, e.g. DOUBLE ONNX).
-        self.precision = fp_error.model_precision(net)
-        self.net_run = self.net32 if self.precision == torch.float32 else self.net64
-        # float32 DeepZ only where the float32 copy is the model itself and the convolutions are
-        # the CPU's (summation-order rounding only: no TF32, Winograd or FFT).
-        want32 = self.cfg.zonotope_dtype == "float32"
-        self.zonotope_dtype = torch.float32 if want32 and self.precision == torch.float32 \
-            and self.device.type == "cpu" else torch.float64
-        if want32 and self.zonotope_dtype == torch.float64:
-            log.info("zonotope_dtype float32 applies to float32 models on the CPU only: "
-                     "DeepZ runs in float64 here")
-        self.input_shape = tuple(net.input_shape)
-        self.finite = all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
-                          if t.is_floating_point())
-        self.relu_indices = self.net64.relu_indices
-        with torch.no_grad():
-            out = self.net64(torch.zeros(1, *self.input_shape, dtype=torch.float64,
-                                         device=self.device))
-        self.n_outputs = out.shape[1]
-        # The colouring and the MILP matrices are built on the CPU (numpy / scipy).
-        cpu64 = self.net64 if self.device.type == "cpu" else \
-            _frozen_copy(net, torch.float64, torch.device("cpu"))
-        self.compression = _compression(cpu64) if self.finite else None
-        if self.compression is not None:
-            self.compression = _to_device(self.compression, self.device)
-        self.encoder = MilpEncoder(cpu64)
+        super().__init__(net, device, self.cfg.zonotope_dtype)
         # Most inputs per batch of the cascade's batched stages (the memory cap may lower it).
         self.max_batch = 64
         # Per ReLU block, the most crossing neurons one input has had so far (sizes chunks).
@@ -285,14 +227,19 @@ class Certifier:
             r.time_s = spent[j]
             decided[j] = True
 
-        def record(rows: list[int], bounds: Tensor) -> list[bool]:
-            """Merge proved bounds (len(rows), D); per row: is every disjunct verified?"""
+        def close(rows: list[int], bounds: Tensor, stage: str, t0: float) -> None:
+            """Merge a stage's proved bounds (len(rows), D), charge its time since ``t0``, and
+            certify the rows whose every disjunct is verified."""
             b = bounds.detach().cpu().to(torch.float64).reshape(len(rows), n_d)
             r = torch.as_tensor(rows, dtype=torch.int64)
             ok = torch.isfinite(b)
             best[r] = torch.where(ok, torch.maximum(best[r], b), best[r])
             todo[r] &= ~(ok & (b > tau[r]))
-            return (~todo[r].any(1)).tolist()
+            verified = (~todo[r].any(1)).tolist()
+            charge(stage, rows, time.perf_counter() - t0)
+            for k, j in enumerate(rows):
+                if verified[k]:
+                    decide(j, "certified", stage)
 
         def budget(rows: list[int]) -> float:
             """The batch's deadline: the sum of the inputs' remaining budgets from now."""
@@ -315,7 +262,7 @@ class Certifier:
             # The clean point as the model takes it: in its precision, inside the box (rows with
             # a non-finite input keep it: they are decided "nonfinite" below).
             x_run = torch.where(finite_in.view(-1, *([1] * (x.dim() - 1))),
-                                _round_into(x, lower, upper, self.precision).double(), x)
+                                round_into(x, lower, upper, self.precision).double(), x)
             logits = self.net_run(x_run.to(self.precision)).double()
         finite = (finite_in & torch.isfinite(logits).all(1)).cpu()
         predicted = logits.argmax(1).cpu()
@@ -337,8 +284,8 @@ class Certifier:
                    offset: int, deadline: float | None) -> list[int]:
             t = time.perf_counter()
             r = torch.as_tensor(rows, device=self.device)
-            found, points = self.attack_batch(
-                lower[r], upper[r], spec.select(r), restarts, steps, step,
+            found, points = attack_batch(
+                self, lower[r], upper[r], spec.select(r), restarts, steps, step,
                 seeds=[cfg.seed + indices[j] + offset for j in rows], deadline=deadline)
             found = found.cpu().tolist()
             charge(stage, rows, time.perf_counter() - t)
@@ -359,15 +306,12 @@ class Certifier:
         t = time.perf_counter()
         r = torch.as_tensor(rows, device=self.device)
         with torch.no_grad():
-            run, rounding = self._deepz(lower[r], upper[r])
+            run, rounding = self.deepz(lower[r], upper[r])
             self._note_crossing(run)
             tau[torch.as_tensor(rows)] = \
-                self._threshold(lower[r], upper[r], run, spec.select(r), rounding).cpu()
-            ok = record(rows, spec.select(r).lower(run.element))
-        charge("zonotope", rows, time.perf_counter() - t)
-        for k, j in enumerate(rows):
-            if ok[k]:
-                decide(j, "certified", "zonotope")
+                self.threshold(lower[r], upper[r], run, spec.select(r), rounding).cpu()
+            bounds = spec.select(r).lower(run.element)
+        close(rows, bounds, "zonotope", t)
         # Every later zonotope intersects its ReLU bounds with the best ones known so far (any
         # valid bound may be used: λ then relaxes a smaller interval). Per-row state below is
         # aligned with ``rows`` and narrowed with it.
@@ -391,38 +335,33 @@ class Certifier:
                 priority = {q: p[sel] for q, p in priority.items()}
             stepped = [stepped[pos[j]] for j in new] if stepped else stepped
 
-        old = rows
-        rows = timed_out([j for j in rows if not decided[j]])
-        narrow(old, rows)
+        def advance(old: list[int]) -> list[int]:
+            """The rows of ``old`` still open and in budget; the per-row state narrowed."""
+            new = timed_out([j for j in old if not decided[j]])
+            narrow(old, new)
+            return new
+
+        rows = advance(rows)
 
         # 4. Optimised slopes.
         if rows and cfg.slope_iters > 0 and self.relu_indices:
             t = time.perf_counter()
             r = torch.as_tensor(rows, device=self.device)
             tr = torch.as_tensor(rows, dtype=torch.int64)
-            out = self._optimise_slopes(lower[r], upper[r], spec.select(r),
-                                        todo[tr].to(self.device),
-                                        ZonotopeRun(run.element, relaxations=relax),
-                                        budget(rows), refined=known,
-                                        tau=tau[tr].to(self.device))
+            out = optimise_slopes(self, cfg, lower[r], upper[r], spec.select(r),
+                                  todo[tr].to(self.device),
+                                  ZonotopeRun(run.element, relaxations=relax),
+                                  budget(rows), refined=known, tau=tau[tr].to(self.device))
             slopes, priority, stepped = out.slopes, out.priority, out.stepped
-            known = self._tighter(lower[r], upper[r], slopes, known)
-            ok = record(rows, out.bounds)
-            charge("zonotope_slopes", rows, time.perf_counter() - t)
-            for k, j in enumerate(rows):
-                if ok[k]:
-                    decide(j, "certified", "zonotope_slopes")
-            old = rows
-            rows = timed_out([j for j in rows if not decided[j]])
-            narrow(old, rows)
+            known = self.tighter(lower[r], upper[r], slopes, known)
+            close(rows, out.bounds, "zonotope_slopes", t)
+            rows = advance(rows)
 
         # 5. The full attack.
         if rows and cfg.pgd_restarts > 0:
-            old = rows
-            rows = attack(rows, "pgd", cfg.pgd_restarts, cfg.pgd_steps, cfg.pgd_step_size,
-                          7919, budget(rows))
-            rows = timed_out(rows)
-            narrow(old, rows)
+            attack(rows, "pgd", cfg.pgd_restarts, cfg.pgd_steps, cfg.pgd_step_size, 7919,
+                   budget(rows))
+            rows = advance(rows)
 
         for k, j in enumerate(rows):
             one = slice(k, k + 1)
@@ -471,22 +410,23 @@ class Certifier:
 
         # 6. LP tightening of the ReLU bounds the MILP takes from the zonotope, then slopes
         # again with them (warm start).
-        if cfg.lp_refine and self._lp_layers():
+        if cfg.lp_refine and lp_layers(self, cfg):
             try:
                 with timer("lp"):
-                    known = self._lp_refine(lower, upper, slopes, known, priority, deadline)
+                    known = lp_refine(self, cfg, lower, upper, slopes, known, priority,
+                                      deadline)
                     with torch.no_grad():
-                        run = run_zonotope(self.net64, lower, upper, slopes=slopes,
-                                           refined=known, compression=self.compression)
+                        run = self.zonotope(lower, upper, slopes=slopes, refined=known)
                     done = record(spec.lower(run.element)[0], "lp")
                     if not done and slopes is not None and time.perf_counter() < deadline:
-                        out = self._optimise_slopes(
-                            lower, upper, spec, todo.view(1, -1).to(self.device), run, deadline,
-                            refined=known, init={r: s_.float() for r, s_ in slopes.items()},
+                        out = optimise_slopes(
+                            self, cfg, lower, upper, spec, todo.view(1, -1).to(self.device), run,
+                            deadline, refined=known,
+                            init={r: s_.float() for r, s_ in slopes.items()},
                             tau=tau.view(1, -1).to(self.device))
                         slopes = out.slopes
                         priority = (out.priority if out.stepped[0] else None) or priority
-                        known = self._tighter(lower, upper, slopes, known)
+                        known = self.tighter(lower, upper, slopes, known)
                         done = record(out.bounds[0], "lp")
                 if done:
                     return finish("certified", "lp")
@@ -501,9 +441,10 @@ class Certifier:
             outcome = "failed"
             try:
                 with timer("milp"):
-                    for start in self._milp_starts():
-                        outcome, cex = self._milp(lower, upper, spec, start, todo, best, slopes,
-                                                  known, priority, deadline, record, tau)
+                    for start in milp_starts(self, cfg):
+                        outcome, cex = run_milps(self, cfg, lower, upper, spec, start, todo,
+                                                 best, slopes, known, priority, deadline,
+                                                 record, tau)
                         if outcome != "failed":
                             break
             except EncodingError as err:
@@ -516,384 +457,9 @@ class Certifier:
             if outcome == "timeout" or time.perf_counter() > deadline:
                 return finish("unknown", "timeout")
             return finish("unknown", "milp")
-        last = "lp" if cfg.lp_refine and self._lp_layers() else \
+        last = "lp" if cfg.lp_refine and lp_layers(self, cfg) else \
             ("zonotope_slopes" if slopes is not None else "zonotope")
         return finish("unknown", last)
-
-    # -- stages --------------------------------------------------------------------------------
-
-    def _attack(self, lower: Tensor, upper: Tensor, spec: Spec, restarts: int, steps: int,
-                step_size: float, seed: int, deadline: float | None = None) -> list[float] | None:
-        found, points = self.attack_batch(lower, upper, spec, restarts, steps, step_size,
-                                          seeds=[seed], deadline=deadline)
-        return points[0].reshape(-1).tolist() if bool(found[0]) else None
-
-    def attack_batch(self, lower: Tensor, upper: Tensor, spec: Spec, restarts: int, steps: int,
-                     step_size: float, seed: int = 0, deadline: float | None = None,
-                     seeds: list[int] | None = None) -> tuple[Tensor, Tensor]:
-        """PGD in the box, all restarts of all inputs in one batch, on the coefficients in
-        [-1, 1] (step in their units). Half of the restarts of a robustness spec minimise the
-        margin, half maximise the cross-entropy. Returns (found (B,), point (B, ...) float64):
-        a point counts only when a float64 forward pass confirms the violation inside the box.
-
-        ``seeds``: one per input, so that an input's random starts (and so its outcome) do not
-        depend on the batch it is in; else one generator seeded by ``seed`` for the batch.
-        Candidates (float32 violations, the latest per restart) are kept on the device and
-        confirmed every ``ATTACK_CONFIRM_EVERY`` steps: one host sync per interval."""
-        bsz = lower.shape[0]
-        center64, radius64 = (upper + lower) / 2, (upper - lower) / 2
-        c = center64.float().repeat_interleave(restarts, 0)
-        r = radius64.float().repeat_interleave(restarts, 0)
-        found = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        best = center64.clone()
-        if seeds is not None:
-            coeff = torch.cat([
-                2 * torch.rand((restarts, *c.shape[1:]), device=self.device,
-                               generator=torch.Generator(device=self.device).manual_seed(int(s)))
-                - 1 for s in seeds])
-        else:
-            gen = torch.Generator(device=self.device).manual_seed(int(seed))
-            coeff = 2 * torch.rand(c.shape, generator=gen, device=self.device) - 1
-        use_ce = torch.zeros(bsz * restarts, dtype=torch.bool, device=self.device)
-        labels = None
-        if spec.labels is not None:
-            use_ce[1::2] = True
-            labels = spec.labels.to(self.device).repeat_interleave(restarts, 0)
-        cand = torch.zeros(bsz * restarts, dtype=torch.bool, device=self.device)
-        cand_coeff = torch.zeros_like(coeff)
-        view = (-1,) + (1,) * (coeff.dim() - 1)
-        for step in range(steps + 1):
-            with torch.enable_grad():
-                coeff.requires_grad_(True)
-                logits = self.net32(c + r * coeff)
-                margin = spec.margins(logits).min(1).values
-                objective = margin
-                if labels is not None:
-                    ce = F.cross_entropy(logits, labels, reduction="none")
-                    objective = torch.where(use_ce, -ce, margin)
-                grad = None
-                if step < steps:
-                    (grad,) = torch.autograd.grad(objective.sum(), coeff)
-            with torch.no_grad():
-                hit = spec.violated(logits.detach()) | (margin <= 0)
-                cand_coeff = torch.where(hit.view(view), coeff.detach(), cand_coeff)
-                cand |= hit
-                late = deadline is not None and time.perf_counter() > deadline
-                if grad is None or late or step % ATTACK_CONFIRM_EVERY == ATTACK_CONFIRM_EVERY - 1:
-                    cand &= ~found.repeat_interleave(restarts, 0)
-                    if bool(cand.any()):
-                        self._confirm(cand, cand_coeff, center64, radius64, lower, upper, spec,
-                                      restarts, found, best)
-                    cand.zero_()
-                    if bool(found.all()):
-                        break
-                if grad is None or late:
-                    break
-                coeff = (coeff.detach() - step_size * grad.sign()).clamp(-1, 1)
-        return found, best
-
-    def _confirm(self, cand: Tensor, coeff: Tensor, center64: Tensor, radius64: Tensor,
-                 lower: Tensor, upper: Tensor, spec: Spec, restarts: int, found: Tensor,
-                 best: Tensor) -> None:
-        idx = cand.nonzero().reshape(-1)
-        owner = idx // restarts
-        point = (center64[owner] + radius64[owner] * coeff.detach()[idx].double())
-        point = torch.maximum(torch.minimum(point, upper[owner]), lower[owner])
-        sub = spec.select(owner) if spec.A.dim() == 3 else spec
-        ok, point = self._check_points(point, lower[owner], upper[owner], sub)
-        for j in ok.nonzero().reshape(-1).tolist():
-            b = int(owner[j])
-            if not found[b]:
-                found[b] = True
-                best[b] = point[j]
-
-    def _check_points(self, point: Tensor, lower: Tensor, upper: Tensor, spec: Spec
-                      ) -> tuple[Tensor, Tensor]:
-        """(ok (N,), points (N, ...) float64): each point rounded into its box in the model's
-        precision, run by the model in that precision, and ok where the outputs satisfy the
-        property exactly (:meth:`Spec.violated_exactly`, strict rows strictly)."""
-        with torch.no_grad():
-            x = _round_into(point, lower, upper, self.precision)
-            y = self.net_run(x).double()
-        ok = torch.zeros(len(x), dtype=torch.bool)
-        inside = ((x.double() >= lower) & (x.double() <= upper)).flatten(1).all(1)
-        cand = (spec.violated(y) & torch.isfinite(y).all(1) & inside).cpu()
-        for j in cand.nonzero().reshape(-1).tolist():
-            ok[j] = spec.violated_exactly(y[j].tolist(), j if spec.A.dim() == 3 else 0)
-        return ok.to(point.device), x.double()
-
-    def _optimise_slopes(self, lower: Tensor, upper: Tensor, spec: Spec, todo: Tensor,
-                         run: ZonotopeRun, deadline: float | None,
-                         refined: dict[int, tuple[Tensor, Tensor]] | None = None,
-                         iterations: int | None = None,
-                         init: dict[int, Tensor] | None = None,
-                         tau: Tensor | None = None) -> _SlopeOutcome:
-        """COLT's learn_slopes for a batch: Adam on λ (float32) against the worst-case margins of
-        the open disjuncts; candidates are re-checked in float64 (the only bounds that count)
-        and verified above ``tau`` (B, D), the floating-point error bound of each margin.
-
-        Every decision is per input, so an input's slopes do not depend on its batch: its
-        plateau (``slope_patience``), its best λ, its priorities; an input that has stopped
-        keeps its λ (masked Adam step). Decisions stay on the device; the host syncs once every
-        ``SLOPE_CHECK_EVERY`` steps, when the inputs whose float32 bounds all pass are re-checked
-        in float64."""
-        cfg = self.cfg
-        tol = tau if tau is not None else \
-            torch.full(todo.shape, math.inf, dtype=torch.float64, device=self.device)
-        bsz = lower.shape[0]
-        dev = self.device
-        lo32, up32 = lower.float(), upper.float()
-        refined = refined or {}
-        refined32 = {r: (lo.float(), up.float()) for r, (lo, up) in refined.items()}
-        start = init if init is not None else {r: lam for r, (lam, _) in run.relaxations.items()}
-        params = {r: lam.detach().float().clone().requires_grad_(True)
-                  for r, lam in start.items()}
-        opt = _Adam(list(params.values()), lr=cfg.slope_lr, step_size=cfg.slope_lr_step)
-        pending = todo.clone()
-        bounds = torch.full(pending.shape, -math.inf, dtype=torch.float64, device=dev)
-        verified = torch.zeros_like(pending)
-        best_score = torch.full((bsz,), -math.inf, device=dev)
-        best = {r: p.detach().clone() for r, p in params.items()}
-        priority = {r: torch.zeros_like(p) for r, p in params.items()}
-        stepped = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        stopped = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        best_loss = torch.full((bsz,), math.inf, device=dev)
-        best_at = torch.zeros(bsz, dtype=torch.int64, device=dev)
-
-        def per_input(mask: Tensor, like: Tensor) -> Tensor:
-            return mask.view(-1, *([1] * (like.dim() - 1)))
-
-        def check(idx: Tensor, slopes: dict[int, Tensor]) -> None:
-            with torch.no_grad():
-                out = run_zonotope(self.net64, lower[idx], upper[idx],
-                                   slopes={r: s[idx].double() for r, s in slopes.items()},
-                                   refined={r: (lo[idx], up[idx])
-                                            for r, (lo, up) in refined.items()},
-                                   compression=self.compression)
-                lb = spec.select(idx).lower(out.element)
-            ok = torch.isfinite(lb)
-            bounds[idx] = torch.where(ok, torch.maximum(bounds[idx], lb), bounds[idx])
-            verified[idx] |= ok & (lb > tol[idx])
-            pending[idx] &= ~verified[idx]
-
-        it = 0
-        for it in range(cfg.slope_iters if iterations is None else iterations):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            sync = it % SLOPE_CHECK_EVERY == 0
-            if sync and not bool((pending.any(1) & ~stopped).any()):
-                break
-            active = pending.any(1) & ~stopped
-            out = run_zonotope(self.net32, lo32, up32, slopes=params, refined=refined32,
-                               compression=self.compression)
-            lb = spec.lower(out.element)  # (B, D) float32
-            # A copy: check() below updates ``pending`` in place, autograd keeps this mask.
-            open_ = pending.clone() & active.unsqueeze(1)
-            neg = torch.where(open_, -lb, torch.full_like(lb, -math.inf))
-            loss = torch.logsumexp(torch.cat([torch.zeros_like(lb[:, :1]), neg], 1), 1)
-            with torch.no_grad():
-                score = torch.where(pending, lb, torch.full_like(lb, math.inf)).min(1).values
-                better = (score > best_score) & active
-                for r, p in params.items():
-                    best[r] = torch.where(per_input(better, p), p.detach(), best[r])
-                best_score = torch.where(better, score, best_score)
-                ready = ((lb > tol) | ~pending).all(1) & active
-            if sync:
-                idx = ready.nonzero().reshape(-1)
-                if len(idx):
-                    check(idx, {r: p.detach() for r, p in params.items()})
-                active = active & pending.any(1)
-            with torch.no_grad():
-                total = loss.detach()
-                # The first step always improves on "nothing yet" (inf - inf would be NaN).
-                improved = active & (~torch.isfinite(best_loss) |
-                                     (total < best_loss - 1e-3 * best_loss.abs()))
-                best_loss = torch.where(improved, total, best_loss)
-                best_at = torch.where(improved, torch.full_like(best_at, it), best_at)
-                if cfg.slope_patience:
-                    plateau = active & ~improved & (it - best_at >= cfg.slope_patience)
-                    stopped |= plateau  # a plateau: the MILP takes over
-                    active = active & ~plateau
-            grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g
-                     for p, g in zip(params.values(), grads)]
-            with torch.no_grad():
-                for (r, p), g in zip(params.items(), grads):
-                    priority[r] = torch.where(per_input(active, p), g.abs(), priority[r])
-                stepped |= active
-            opt.step(grads, mask=active)  # then λ is clamped to [0, 1]
-        left = pending.any(1)
-        if bool(left.any()) and (deadline is None or time.perf_counter() < deadline):
-            check(left.nonzero().reshape(-1), best)
-        slopes = {r: p.detach().double() for r, p in best.items()}
-        return _SlopeOutcome(bounds.cpu(), verified.cpu(), slopes, priority, it + 1,
-                             stepped.cpu().tolist())
-
-    def _tighter(self, lower: Tensor, upper: Tensor, slopes: dict[int, Tensor] | None,
-                 known: dict[int, tuple[Tensor, Tensor]]) -> dict[int, tuple[Tensor, Tensor]]:
-        """The known ReLU bounds intersected with those of the zonotope with ``slopes``."""
-        with torch.no_grad():
-            run = run_zonotope(self.net64, lower, upper, slopes=slopes, refined=known,
-                               compression=self.compression)
-        return {r: (lo.detach(), up.detach()) for r, (lo, up) in run.pre_bounds.items()}
-
-    def _lp_refine(self, lower: Tensor, upper: Tensor, slopes: dict[int, Tensor] | None,
-                   known: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
-                   deadline: float) -> dict[int, tuple[Tensor, Tensor]]:
-        """LP-tighten the ReLU bounds of :meth:`_lp_layers`, at most ``lp_refine_max_neurons``
-        neurons in all (highest priority first); returns ``known`` with them."""
-        cfg = self.cfg
-        known = dict(known)
-        budget = cfg.lp_refine_max_neurons
-        for r in self._lp_layers():
-            if budget <= 0 or time.perf_counter() > deadline:
-                break
-            with torch.no_grad():
-                run = run_zonotope(self.net64, lower, upper, end=r - 1, slopes=slopes,
-                                   refined=known, all_bounds=True, compression=self.compression)
-                run = _with_pre(run, self.net64, r, slopes, known)
-            order = None
-            if priority is not None and r in priority:
-                order = np.argsort(-priority[r][0].reshape(-1).cpu().numpy(), kind="stable")
-            tr = lp_tighten(self.encoder, lower, upper, run, r, max_neurons=budget, order=order,
-                            solver=cfg.solver, time_limit_s=max(deadline - time.perf_counter(), 0),
-                            deadline=deadline, threads=cfg.solver_threads)
-            budget -= tr.attempted
-            lo0, up0 = (t.reshape(-1).cpu().numpy() for t in run.pre_bounds[r])
-            # LP optima hold up to the solver's tolerances: loosen the LP values a little.
-            lo = np.where(tr.lower > lo0, tr.lower - 1e-6 * np.maximum(1.0, np.abs(tr.lower)),
-                          lo0)
-            up = np.where(tr.upper < up0, tr.upper + 1e-6 * np.maximum(1.0, np.abs(tr.upper)),
-                          up0)
-            shape = run.pre_bounds[r][0].shape
-            known[r] = (torch.as_tensor(np.maximum(lo, lo0), device=self.device).view(shape),
-                        torch.as_tensor(np.minimum(up, up0), device=self.device).view(shape))
-            log.debug("LP at ReLU %d: %d LPs, %d neurons stabilised in %.2fs", r, tr.solved,
-                      tr.stabilised, tr.runtime_s)
-        return known
-
-    def _milp_starts(self) -> list[int]:
-        """Where the MILPs start: the input box with ``milp_from_input``; the given block with
-        ``milp_layer`` >= 0; else the input of the last ReLU, then of the one before it."""
-        cfg = self.cfg
-        end = len(self.net64.blocks) - 1
-        if cfg.milp_from_input or not self.relu_indices:
-            return [-1]
-        if cfg.milp_layer >= 0:
-            return [self.encoder.effective_start(min(cfg.milp_layer, end), end)]
-        starts = [self.encoder.effective_start(r - 1, end) for r in self.relu_indices[-2:][::-1]]
-        return list(dict.fromkeys(starts))
-
-    def _lp_layers(self) -> list[int]:
-        """ReLU layers worth LP tightening: not the first (its bounds are exact already) and only
-        those the first MILP takes from the zonotope (its own ReLUs get binaries or the
-        triangle with their zonotope bounds)."""
-        limit = self._milp_starts()[0] if self.cfg.milp else len(self.net64.blocks)
-        return [r for r in self.relu_indices[1:] if r <= max(limit, 0)] if limit >= 0 else []
-
-    def _milp(self, lower: Tensor, upper: Tensor, spec: Spec, start: int, todo: Tensor,
-              best: Tensor, slopes: dict[int, Tensor] | None,
-              refined: dict[int, tuple[Tensor, Tensor]], priority: dict[int, Tensor] | None,
-              deadline: float, record: Any, tau: Tensor) -> tuple[str, list[float] | None]:
-        """Per open disjunct, hardest first; stops at the first one that fails (COLT's
-        fail_break). Returns ("certified" | "failed" | "timeout", None) or ("falsified", the
-        counterexample): an encoding from the input box yields input points, and a negative one
-        that a plain forward pass confirms is a counterexample."""
-        cfg = self.cfg
-        with torch.no_grad():
-            run = run_zonotope(self.net64, lower, upper, slopes=slopes, refined=refined,
-                               keep=(start,) if start >= 0 else (), all_bounds=True,
-                               compression=self.compression)
-        if record(spec.lower(run.element)[0], "milp"):
-            return "certified", None
-        prio = None
-        if priority:
-            prio = {r: p[0].reshape(-1).cpu().numpy() for r, p in priority.items()}
-        enc = None
-        for k in sorted(todo.nonzero().reshape(-1).tolist(), key=lambda k: float(best[k])):
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return "timeout", None
-            a, b = spec.disjunct(k)
-            if enc is None or len(a) > 1:  # a multi-row objective adds rows: a fresh encoding
-                enc = self.encoder.encode(lower, upper, run, start=start, priorities=prio,
-                                          max_binary_per_layer=cfg.max_binary_per_layer,
-                                          max_binary_total=cfg.max_binary_total)
-            # A solver's bound holds up to its tolerances: it must clear the error bound by
-            # margin_tolerance more.
-            out = solve_disjunct(enc, a, b, solver=cfg.solver, time_limit_s=remaining,
-                                 tolerance=float(tau[k]) + cfg.margin_tolerance,
-                                 threads=cfg.solver_threads)
-            log.debug("MILP from block %d, disjunct %d: %s bound %.4g (%d/%d binary) in %.2fs",
-                      start, k, out.status, out.bound, enc.num_binary, enc.num_unstable,
-                      out.runtime_s)
-            if math.isfinite(out.bound) and out.status != "error":
-                bound = torch.full((spec.n_disjuncts,), -math.inf, dtype=torch.float64)
-                # A proved bound (any status but infeasible/error) is kept for the report;
-                # only a verified one closes the disjunct (record's tolerance test).
-                bound[k] = out.bound if out.verified else min(out.bound, float(tau[k]))
-                record(bound, "milp")
-            if out.input_point is not None and out.value is not None and out.value < 0:
-                cex = self._confirmed_point(out.input_point, lower, upper, spec)
-                if cex is not None:
-                    return "falsified", cex
-            if not out.verified:
-                return ("timeout" if out.status == "time_limit" else "failed"), None
-        return ("certified" if not bool(todo.any()) else "failed"), None
-
-    def _confirmed_point(self, point: np.ndarray, lower: Tensor, upper: Tensor,
-                         spec: Spec) -> list[float] | None:
-        """``point`` (a solver's input values) clipped into the box, if the network's forward
-        pass in its own precision violates the property there exactly; else None."""
-        x = torch.as_tensor(point, dtype=torch.float64, device=lower.device).reshape(lower.shape)
-        x = torch.maximum(torch.minimum(x, upper), lower)
-        ok, x = self._check_points(x, lower, upper, spec)
-        if bool(ok.all()):
-            return x.reshape(-1).tolist()
-        return None
-
-    # -- batched (tuning) ----------------------------------------------------------------------
-
-    def batch(self, x: Tensor, labels: Tensor, eps: float, start_index: int = 0
-              ) -> dict[str, Tensor]:
-        """The cascade on a batch (:meth:`certify_batch`, inputs numbered from
-        ``start_index``): (B,) bool tensors nat (correct clean prediction), pgd (not falsified)
-        and cert, the verdicts :meth:`certify` gives each input."""
-        labels = torch.as_tensor(labels).reshape(-1)
-        results = self.certify_batch(x, labels, eps,
-                                     range(start_index, start_index + len(labels)))
-        nat = torch.tensor([r.status != "misclassified" and r.method != "nonfinite"
-                            for r in results], dtype=torch.bool)
-        pgd = nat & torch.tensor([r.status != "falsified" for r in results], dtype=torch.bool)
-        cert = torch.tensor([r.status == "certified" for r in results], dtype=torch.bool)
-        return {"nat": nat, "pgd": pgd, "cert": cert}
-
-    def _deepz(self, lower: Tensor, upper: Tensor
-               ) -> tuple[ZonotopeRun, "fp_error.ZonotopeRounding | None"]:
-        """The first zonotope in ``self.zonotope_dtype``, returned in float64 (exact casts), and
-        for float32 the bound on its rounding. In float32 the box is rounded outwards first, so
-        that it contains the float64 one, and the ReLU bounds every later stage intersects with
-        are widened by that bound into valid ones."""
-        if self.zonotope_dtype == torch.float64:
-            return run_zonotope(self.net64, lower, upper, compression=self.compression), None
-        lo32, up32 = _outward(lower, upper, self.zonotope_dtype)
-        rounding = fp_error.ZonotopeRounding(lo32, up32, self.zonotope_dtype)
-        run = run_zonotope(self.net32, lo32, up32, compression=self.compression,
-                           rounding=rounding)
-        pair = lambda p: tuple(t.double() for t in p)  # noqa: E731
-        return ZonotopeRun(run.element.to(torch.float64), rounding.widened(run.pre_bounds),
-                           {q: pair(v) for q, v in run.relaxations.items()}), rounding
-
-    def _threshold(self, lower: Tensor, upper: Tensor, run: ZonotopeRun, spec: Spec,
-                   rounding: "fp_error.ZonotopeRounding | None" = None) -> Tensor:
-        """(B, D) what each disjunct's float64 lower bound must exceed: the bound on the
-        floating-point error of the model's run and of the bound computations (with
-        ``rounding``, that of a float32 first zonotope too; :mod:`pipeline.certify.fp_error`),
-        from this region's reachable magnitudes."""
-        err = fp_error.output_error(self.net64, lower, upper, run.pre_bounds, self.precision)
-        if rounding is not None:
-            err = rounding.add_to(err)
-        return fp_error.margin_threshold(err, spec.A, spec.b, spec.owner, spec.n_disjuncts)
 
     def _note_crossing(self, run: ZonotopeRun) -> None:
         for r, (lo, up) in run.pre_bounds.items():
@@ -921,108 +487,6 @@ class Certifier:
         return max(1, min(self.max_batch, ZONOTOPE_MEMORY_BUDGET // max(per_input, 1)))
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Batched accuracy for tuning
-
-
-def certified_accuracy(net: Net, data: Any, eps: float, cfg: CertifyConfig | None = None,
-                       max_inputs: int | None = None, *, batch_size: int = 256,
-                       device: str | torch.device | None = None) -> dict[str, Any]:
-    """Natural, PGD-robust and certified counts (and rates) on up to ``max_inputs`` inputs.
-
-    ``data``: a DataLoader / iterable of (x, y) batches, an (images, labels) pair of tensors or an
-    indexable data set of (image, label). The cascade of :meth:`Certifier.certify_batch`: clean,
-    quick attack, zonotope and slopes on batches (chunked to the memory cap), the full attack on
-    the inputs still open, then (``cfg.lp_refine``, ``cfg.milp``) LP and MILP per input; input i
-    (counted from 0) gets the verdict ``Certifier.certify(x_i, y_i, eps, index=i)`` gives it.
-    ``per_image``: {"nat", "pgd", "cert"} -> lists of n bools (:class:`PerImage`, JSON-ready, with a
-    tensor's ``tolist()``), one per input in order, for paired comparisons of trials.
-    """
-    cfg = cfg or CertifyConfig()
-    if not eps >= 0:
-        raise CertifyError(f"eps = {eps}: must be >= 0")
-    device = device if device is not None else next(net.parameters()).device
-    certifier = Certifier(net, cfg, device)
-    t0 = time.perf_counter()
-    counts = {"n": 0, "nat": 0, "pgd": 0, "cert": 0}
-    per_image: dict[str, list[Tensor]] = {"nat": [], "pgd": [], "cert": []}
-    for x, y in _batches(data, batch_size, max_inputs):
-        out = certifier.batch(x, y, eps, start_index=counts["n"])
-        counts["n"] += len(y)
-        for k in ("nat", "pgd", "cert"):
-            counts[k] += int(out[k].sum())
-            per_image[k].append(out[k].cpu())
-    n = max(counts["n"], 1)
-    # Per-image outcomes, in input order, for paired comparisons of trials on the same images.
-    # Lists of bools (JSON-ready: the scores dict may be stored as Optuna user attributes) that
-    # also answer .tolist() as a tensor would.
-    per = {k: PerImage(bool(b) for t in v for b in t.tolist()) for k, v in per_image.items()}
-    return {**counts, "nat_acc": counts["nat"] / n, "pgd_acc": counts["pgd"] / n,
-            "cert_acc": counts["cert"] / n, "time_s": time.perf_counter() - t0,
-            "per_image": per}
-
-
-class PerImage(list):
-    """Per-image outcomes of :func:`certified_accuracy`: a list of bools with ``tolist()``."""
-
-    def tolist(self) -> list[bool]:
-        return list(self)
-
-
-def _batches(data: Any, batch_size: int, max_inputs: int | None
-             ) -> Iterable[tuple[Tensor, Tensor]]:
-    limit = math.inf if not max_inputs else max_inputs
-    seen = 0
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        images, labels = data
-        data = [(images[i: i + batch_size], torch.as_tensor(labels[i: i + batch_size]))
-                for i in range(0, len(images), batch_size)]
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and \
-            not isinstance(data, torch.utils.data.DataLoader):
-        ds = data
-        data = ((torch.stack([ds[j][0] for j in range(i, min(i + batch_size, len(ds)))]),
-                 torch.tensor([int(ds[j][1]) for j in range(i, min(i + batch_size, len(ds)))]))
-                for i in range(0, len(ds), batch_size))
-    for x, y in data:
-        if seen >= limit:
-            return
-        take = int(min(len(y), limit - seen))
-        seen += take
-        yield x[:take], torch.as_tensor(y)[:take]
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-class _Adam:
-    """Adam with COLT's StepLR (×0.1 every ``step_size`` steps) and λ clamped to [0, 1] after each
-    step. Written out because torch.optim's first use imports torch._dynamo (seconds)."""
-
-    def __init__(self, params: list[Tensor], lr: float, step_size: int,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lr, self.step_size = params, lr, max(int(step_size), 1)
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], mask: Tensor | None = None) -> None:
-        """``mask`` (B,): only these rows (inputs) of each parameter move."""
-        lr = self.lr * 0.1 ** (self.t // self.step_size)
-        self.t += 1
-        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            new = (p - lr * (m / c1) / ((v / c2).sqrt() + self.eps)).clamp_(0, 1)
-            if mask is not None:
-                new = torch.where(mask.view(-1, *([1] * (p.dim() - 1))), new, p)
-            p.copy_(new)
-
-
 class _Timer:
     """Adds the wall time of each ``with timer(stage):`` block to ``result.stage_times``."""
 
@@ -1040,60 +504,3 @@ class _Timer:
         times = self.result.stage_times
         times[self.stage] = times.get(self.stage, 0.0) + time.perf_counter() - self.t
 
-
-def _frozen_copy(net: Net, dtype: torch.dtype, device: torch.device) -> Net:
-    out = copy.deepcopy(net).to(device=device, dtype=dtype).eval()
-    for p in out.parameters():
-        p.requires_grad_(False)
-    return out
-
-
-def _compression(net64: Net) -> GeneratorCompression | None:
-    return GeneratorCompression.for_net(net64)
-
-
-def _to_device(comp: GeneratorCompression, device: torch.device) -> GeneratorCompression:
-    if device.type == "cpu":
-        return comp
-    out = copy.copy(comp)
-    out.colors = comp.colors.to(device)
-    out.masks = {k: v.to(device) for k, v in comp.masks.items()}
-    if comp.fuse_weight is not None:
-        out.fuse_weight = comp.fuse_weight.to(device)
-        out.fuse_map = comp.fuse_map.to(device)
-    return out
-
-
-def _outward(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """[lower, upper] in ``dtype``, rounded outwards: a box that contains the given one."""
-    lo, up = lower.to(dtype), upper.to(dtype)
-    inf = torch.tensor(math.inf, dtype=dtype, device=lo.device)
-    lo = torch.where(lo.double() > lower, torch.nextafter(lo, -inf), lo)
-    up = torch.where(up.double() < upper, torch.nextafter(up, inf), up)
-    return lo, up
-
-
-def _round_into(x: Tensor, lower: Tensor, upper: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` in ``dtype`` (nearest) inside [lower, upper]: the box edges rounded inwards to that
-    precision (a box without a point of it keeps the rounded edge, which then fails the box)."""
-    xr = x.to(dtype)
-    lo, up = lower.to(dtype), upper.to(dtype)
-    lo = torch.where(lo.double() < lower, torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
-    up = torch.where(up.double() > upper, torch.nextafter(up, torch.full_like(up, -math.inf)),
-                     up)
-    return torch.maximum(torch.minimum(xr, up), lo)
-
-
-def _inside(x: Tensor, lower: Tensor, upper: Tensor) -> bool:
-    return bool(((x >= lower) & (x <= upper)).all())
-
-
-def _with_pre(run: ZonotopeRun, net: Net, relu: int, slopes: dict[int, Tensor] | None,
-              refined: dict[int, tuple[Tensor, Tensor]]) -> ZonotopeRun:
-    """Add the pre-activation bounds of ReLU ``relu`` (the output bounds of block relu-1, which
-    ``run_zonotope(end=relu-1)`` has) intersected with refined ones."""
-    lo, up = run.block_bounds[relu - 1]
-    if relu in refined:
-        lo, up = torch.maximum(lo, refined[relu][0]), torch.minimum(up, refined[relu][1])
-    run.pre_bounds[relu] = (lo, up)
-    return run

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.certify.cascade import STATUSES, Certifier, CertifyError, CertifyResult, vnn_answer
+from pipeline.certify.cascade import Certifier
+from pipeline.certify.spec import STATUSES, CertifyError, CertifyResult, vnn_answer
 from pipeline.config import CertifyConfig, ConfigError, DataConfig, load_certify_config
 from pipeline.nets import Net, NetError
 
@@ -419,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.certify.onnx_vnnlib import ModelFormatError, PropertyFormatError
+    from pipeline.certify.onnx_import import ModelFormatError
+    from pipeline.certify.vnnlib import PropertyFormatError
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
 
@@ -461,7 +463,7 @@ def _prepare(args: argparse.Namespace) -> Any:
     if args.results and Path(args.results).is_dir():
         raise CertifyError(f"--results {args.results}: is a directory (give a file name)")
     if args.vnnlib:
-        from pipeline.certify.onnx_vnnlib import load_vnnlib
+        from pipeline.certify.vnnlib import load_vnnlib
 
         prop = load_vnnlib(args.vnnlib, tuple(net.input_shape))
         if args.out and Path(args.out).exists():
@@ -546,7 +548,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Net, Any]:
         raise CertifyError(f"{path}: no such model file")
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     if path.suffix.lower() == ".onnx":
-        from pipeline.certify.onnx_vnnlib import load_onnx
+        from pipeline.certify.onnx_import import load_onnx
 
         return load_onnx(path, mean, std).eval(), None
     if mean is not None or std is not None:

@@ -1,6 +1,7 @@
 """The float64 zonotope pass and the MILP/LP encoding of a network, written once over MilpProblem.
 
-Three pieces, used by :mod:`pipeline.certify.cascade` (and by the tests on their own):
+Three pieces, used by the cascade's stages (:mod:`pipeline.certify.prepared`, ``slopes``,
+``lp_milp_stage``) and by the tests on their own:
 
 * :func:`run_zonotope` - DeepZ from an input box, block by block, with optional per-neuron slopes
   λ and refined pre-activation bounds, returning the bounds of every block and the exact zonotope
