@@ -155,9 +155,20 @@ def resolve_results(path: str, storage_path: Path | None) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def launch_label(row: Any, launches: pd.DataFrame) -> str:
+    """"trial N", or "trial N seed S" where the trial was launched with several seeds."""
+    label = f"trial {row['trial']}"
+    seed = row.get("seed")
+    if "seed" not in launches or seed is None or (isinstance(seed, float) and math.isnan(seed)):
+        return label
+    if int((launches["trial"] == row["trial"]).sum()) > 1:
+        return f"{label} seed {int(seed)}"
+    return label
+
+
 def _load_launch_results(data: StudyData) -> None:
     for _, row in data.launches.iterrows():
-        label = f"trial {row['trial']}"
+        label = launch_label(row, data.launches)
         path = row.get("results")
         if not isinstance(path, str) or not path:
             data.missing_results.append(f"{label}: no results file recorded")
@@ -373,14 +384,14 @@ def study_section(data: StudyData) -> list[str]:
     if not len(data.launches):
         lines.append("No launch recorded (`python -m pipeline.tune --launch-best` records one).")
     else:
-        header = ["trial", "epochs/stage", "val nat %", "val cert %", "test nat %", "test PGD %",
-                  "test cert %", "n test", "certified", "falsified", "unknown", "misclassified",
-                  "results"]
+        header = ["trial", "seed", "epochs/stage", "val nat %", "val cert %", "test nat %",
+                  "test PGD %", "test cert %", "n test", "certified", "falsified", "unknown",
+                  "misclassified", "results"]
         rows = []
         for _, r in data.launches.iterrows():
-            label = f"trial {r['trial']}"
+            label = launch_label(r, data.launches)
             c = status_counts(data.results[label]) if label in data.results else {}
-            rows.append([_fmt(r["trial"]), _fmt(r.get("epochs_per_stage")),
+            rows.append([_fmt(r["trial"]), _fmt(r.get("seed")), _fmt(r.get("epochs_per_stage")),
                          _pct(r.get("val_nat_acc")), _pct(r.get("val_cert_acc")),
                          _pct(r.get("test_nat_acc")), _pct(r.get("test_pgd_acc")),
                          _pct(r.get("test_cert_acc")), _fmt(r.get("n_test"))]

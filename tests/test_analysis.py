@@ -700,3 +700,16 @@ def test_report_on_failed_only_database(tmp_path: Path, capsys: pytest.CaptureFi
     assert len(frame) == 4 and set(frame["state"]) == {"FAIL"}
     assert all((out / f"{n}_{kind}.png").is_file() for n in ("interrupted", "offline")
                for kind in ("history", "knobs", "importance", "pareto", "stages"))
+
+
+def test_launch_labels_keep_seeds_of_one_trial_apart():
+    """Two seeds of one trial are two launches (their results must not share a key)."""
+    import pandas as pd
+
+    from analysis.report import launch_label
+
+    la = pd.DataFrame({"trial": [3, 3, 5], "seed": [100, 101, 100]})
+    labels = [launch_label(r, la) for _, r in la.iterrows()]
+    assert labels == ["trial 3 seed 100", "trial 3 seed 101", "trial 5"]
+    old = pd.DataFrame({"trial": [3]})  # launches recorded before seeds were
+    assert launch_label(old.iloc[0], old) == "trial 3"
