@@ -7,9 +7,10 @@ batched cascade, on a Fashion-MNIST net trained at the shipped CPU trial budget.
 Without the checkpoint it first trains one (``python -m pipeline.train`` with
 studies/fashion_mnist_0.1.toml at ``epochs_per_stage=1 mix_epochs=0 lr_step=1
 data.max_train_images=10000``, a few minutes). ``new`` is this working tree; ``old`` is
-``--old-ref``'s ``pipeline/`` (git archive into a temporary folder), run in a subprocess, so both
-score the same images of the validation split with the study's ``[certify_val]`` settings
-(``--set key=value`` overrides them, e.g. ``--set slope_iters=0``). One torch thread each.
+``--old-ref``'s ``pipeline/`` and ``studies/`` (git archive into a temporary folder), run in a
+subprocess, so both score the same images of the validation split, each with its own study
+file's ``[certify_val]`` settings (``--set key=value`` overrides them for every path, e.g.
+``--set slope_iters=0``). One torch thread each.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ TRAIN_SET = ["epochs_per_stage=1", "mix_epochs=0", "lr_step=1", "data.max_train_
 MEASURE = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
-from pipeline.certify.scoring import certified_accuracy
+try:
+    from pipeline.certify.scoring import certified_accuracy
+except ImportError:  # the old path (before the split): in cascade.py
+    from pipeline.certify.cascade import certified_accuracy
 from pipeline.config import load_certify_config
 from pipeline.data import make_loaders
 from pipeline.train import load_trained_net
@@ -59,7 +63,9 @@ def ensure_checkpoint(path: Path) -> Path:
 def measure(code_root: Path, ckpt: Path, n: int, overrides: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1",
            "OMP_WAIT_POLICY": "PASSIVE"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(ckpt), str(STUDY), str(n),
+    # Each path scores with its own study file's [certify_val] (the old one knows fewer keys).
+    study = code_root / "studies" / STUDY.name
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(ckpt), str(study), str(n),
                           json.dumps(overrides)], env=env, cwd=code_root, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -78,7 +84,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.paths.split(","):
             if path == "old":
-                archive = subprocess.run(["git", "archive", args.old_ref, "pipeline"], cwd=ROOT,
+                archive = subprocess.run(["git", "archive", args.old_ref, "pipeline", "studies"], cwd=ROOT,
                                          check=True, capture_output=True).stdout
                 subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
                 root = Path(tmp)
