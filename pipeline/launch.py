@@ -21,7 +21,8 @@ import optuna
 from pipeline.config import to_dict
 from pipeline.study import StudyFile
 from pipeline.train import load_trained_net, resolve_device, train
-from pipeline.tune import VAL_CERT, VAL_NAT, best_trial, open_storage
+from pipeline.storage import open_storage
+from pipeline.tune import VAL_CERT, VAL_NAT, best_trial
 
 log = logging.getLogger(__name__)
 

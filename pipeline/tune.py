@@ -41,6 +41,26 @@ import optuna
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.runlog import (
+    INTERRUPTED_REASON,
+    RUN_STATE,
+    TuningInterrupted,
+    duration_text,
+    last_scores,
+    log_trial_end,
+    logged,
+    score_text,
+    setup_logging,
+    trial_text,
+)
+from pipeline.storage import (
+    FINISHED_STATES,
+    StorageError,
+    TrialCapReached,
+    open_storage,
+    original_trial_number,
+    redact,
+)
 from pipeline.study import StudyFile, load_study_file
 from pipeline.train import DivergedError, EpochReport, make_net, resolve_device, train, validate_layers
 
@@ -50,200 +70,6 @@ DEFAULT_STUDY = "studies/quickstart.toml"
 DEFAULT_STORAGE = "sqlite:///runs/optuna.db"
 VAL_NAT, VAL_PGD, VAL_CERT = "val_nat_acc", "val_pgd_acc", "val_cert_acc"
 CONSTRAINT_ATTR = "constraint"
-
-
-class StorageError(RuntimeError):
-    """The study storage cannot be reached or used."""
-
-
-# --------------------------------------------------------------------------------------------
-# Storage and study
-
-
-LIVE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-               optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-CONNECT_TIMEOUT_S = 10
-LOCK_TIMEOUT_S = 300
-
-
-class TrialCapReached(RuntimeError):
-    """A worker may not start a new trial: finished, running and queued trials fill the cap."""
-
-
-class StudyLock:
-    """A lock shared by all workers of one study, held only while the study or a new trial is
-    created, so that the trial cap holds exactly and the published trial is queued once.
-
-    PostgreSQL: a transaction-level advisory lock (released when the transaction or the
-    connection ends, so a killed worker never leaves it held). SQLite: ``flock`` on
-    ``<db file>.lock`` (workers on one machine). Other databases: no lock; the cap may then
-    overshoot by up to one trial per extra worker.
-    """
-
-    def __init__(self, url: str, name: str) -> None:
-        import hashlib
-
-        import sqlalchemy
-
-        self.url = sqlalchemy.engine.make_url(url)
-        digest = hashlib.sha256(f"colt-study:{name}".encode()).digest()
-        self.key = int.from_bytes(digest[:8], "big", signed=True)
-        self._depth = 0
-        self._engine: Any = None
-        self._conn: Any = None
-        self._fd: int | None = None
-
-    @property
-    def kind(self) -> str:
-        backend = self.url.get_backend_name()
-        if backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
-            return "sqlite"
-        return "postgresql" if backend == "postgresql" else "none"
-
-    def __enter__(self) -> "StudyLock":
-        self._depth += 1
-        if self._depth > 1:
-            return self
-        try:
-            if self.kind == "postgresql":
-                import sqlalchemy
-
-                if self._engine is None:
-                    self._engine = sqlalchemy.create_engine(
-                        self.url, poolclass=sqlalchemy.pool.NullPool,
-                        connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
-                self._conn = self._engine.connect()
-                self._conn.execute(sqlalchemy.text(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'"))
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"),
-                                   {"key": self.key})
-            elif self.kind == "sqlite":
-                import fcntl
-
-                path = Path(self.url.database)
-                self._fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._depth -= 1
-            self._release()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._release()
-
-    def _release(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                conn.rollback()  # ends the transaction: releases the advisory lock
-            finally:
-                conn.close()
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # releases the flock
-
-
-class CappedRDBStorage(optuna.storages.RDBStorage):
-    """RDBStorage whose new trials respect a cap shared by all workers.
-
-    With ``cap`` set, a fresh trial (``study.ask()`` finding no queued trial) is created only
-    while the study holds fewer than ``cap`` finished, running or queued trials; the count and
-    the insert happen under :class:`StudyLock`, so concurrent workers never overshoot. Otherwise
-    :class:`TrialCapReached` is raised and no trial is created. Queued trials (the published
-    trial, heartbeat retries) are created from a template and are never refused.
-    """
-
-    cap: int | None = None
-    study_lock: StudyLock | None = None
-
-    def _create_new_trial(self, study_id: int,
-                          template_trial: optuna.trial.FrozenTrial | None = None
-                          ) -> optuna.trial.FrozenTrial:
-        if template_trial is not None or self.cap is None:
-            return super()._create_new_trial(study_id, template_trial)
-        with self.study_lock or contextlib.nullcontext():
-            live = self.get_n_trials(study_id, state=LIVE_STATES)
-            if live >= self.cap:
-                raise TrialCapReached(f"{live} finished, running or queued trials: cap "
-                                      f"{self.cap} reached")
-            return super()._create_new_trial(study_id, template_trial)
-
-
-def open_storage(url: str, study: StudyFile, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeat and retry of stale trials; a bad URL is one StorageError.
-
-    Connections time out after CONNECT_TIMEOUT_S. SQLite databases are switched to WAL mode (so
-    several workers on one machine can share one) and get a lock file ``<db>.lock`` next to them.
-    """
-    import warnings
-
-    import sqlalchemy
-
-    kwargs: dict[str, Any] = {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if heartbeat:
-                kwargs = dict(
-                    heartbeat_interval=study.settings.heartbeat_interval_s,
-                    grace_period=study.settings.grace_period_s,
-                    heartbeat_stale_trial_callback=(
-                        optuna.storages.RetryHeartbeatStaleTrialCallback(
-                            max_retry=study.settings.max_retry,
-                            inherit_intermediate_values=True)),
-                )
-            parsed = sqlalchemy.engine.make_url(url)
-            backend = parsed.get_backend_name()
-            if backend == "sqlite":
-                engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-            else:
-                engine_kwargs = {"pool_pre_ping": True}
-                if backend in ("postgresql", "mysql", "mariadb"):
-                    engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-            lock = StudyLock(url, study.settings.name)
-            if lock.kind == "sqlite":
-                db_path = Path(parsed.database)
-                try:
-                    if not db_path.parent.exists():
-                        db_path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(f"{db_path}.lock", "a"):
-                        pass
-                except OSError as err:
-                    raise StorageError(f"storage {redact(url)} cannot be used: cannot create "
-                                       f"files in {db_path.parent} ({err.strerror})") from None
-            with lock:  # concurrent workers must not race on table and study creation
-                if lock.kind == "sqlite":
-                    _sqlite_wal(Path(parsed.database))
-                storage = CappedRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except StorageError:
-        raise
-    except Exception as err:  # sqlalchemy / driver / OS errors come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"storage {redact(url)} cannot be used: {first[:300]}") from None
-    storage.study_lock = lock
-    return storage
-
-
-def _sqlite_wal(path: Path) -> None:
-    """WAL journal: readers do not block the writer, so workers rarely wait on each other. The
-    mode is stored in the database file, so setting it once is enough."""
-    import sqlite3
-
-    conn = sqlite3.connect(path, timeout=60)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-    finally:
-        conn.close()
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    import re
-
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def make_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
@@ -336,17 +162,6 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # The objective
-
-
-def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
-    """A retried trial resumes in its original trial's run folder."""
-    import warnings
-
-    frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001 (public API lacks it)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-    return trial.number if original is None else original
 
 
 def stage_inputs(study: StudyFile, stage: int, num_stages: int) -> int:
@@ -645,7 +460,7 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
                            callbacks=[stop_at_cap, count_failures, log_trial_end])
             waiting_since = None
         except KeyboardInterrupt:
-            raise TuningInterrupted(study, _RUN.interrupted) from None
+            raise TuningInterrupted(study, RUN_STATE.interrupted) from None
         except TrialCapReached:
             running = [t.number for t in study.get_trials(
                 deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
@@ -666,169 +481,6 @@ def run_tuning(study_file: StudyFile, storage_url: str, n_trials: int | None = N
 
 # --------------------------------------------------------------------------------------------
 # The run log: one line when a trial starts, at each stage's score and when it ends; Ctrl-C
-
-
-INTERRUPTED_REASON = "interrupted by the user (Ctrl-C)"
-
-
-class TuningInterrupted(Exception):
-    """Ctrl-C during tuning: the study and the trial it stopped (None: between trials)."""
-
-    def __init__(self, study: optuna.Study, trial_number: int | None) -> None:
-        super().__init__(f"interrupted (trial {trial_number})")
-        self.study = study
-        self.trial_number = trial_number
-
-
-class _RunState:
-    """The trial this process is running (the log prefix) and the one Ctrl-C stopped."""
-
-    trial: int | None = None
-    interrupted: int | None = None
-
-
-_RUN = _RunState()
-
-
-def logged(objective: Any) -> Any:
-    """The objective with the trial number as log prefix and Ctrl-C recorded as the trial's
-    ``fail_reason`` (Optuna then marks it FAIL and re-raises)."""
-
-    def run(trial: optuna.Trial) -> Any:
-        _RUN.trial, _RUN.interrupted = trial.number, None
-        try:
-            return objective(trial)
-        except KeyboardInterrupt:
-            _RUN.interrupted = trial.number
-            with contextlib.suppress(Exception):  # a second Ctrl-C or a lost connection
-                trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
-            raise
-        finally:
-            _RUN.trial = None
-
-    return run
-
-
-def _fmt_value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def trial_text(trial: optuna.Trial, knobs: dict[str, Any]) -> str:
-    """What the start line says after "started": published / retry, then the knobs."""
-    notes = []
-    if trial.user_attrs.get("published"):
-        notes.append("published hyperparameters")
-    with contextlib.suppress(Exception):
-        original = original_trial_number(trial.study, trial)
-        if original != trial.number:
-            notes.append(f"resumes trial {original}")
-    head = f" ({', '.join(notes)})" if notes else ""
-    return head + ": " + (", ".join(f"{k}={_fmt_value(v)}" for k, v in knobs.items()) or
-                          "no tuned knobs")
-
-
-def score_text(scores: dict[str, Any]) -> str:
-    """``val cert 0.523 (95% 0.467-0.579, n=300), nat 0.912, pgd 0.700``."""
-    from pipeline.stats import wilson_interval
-
-    text = f"val cert {scores['cert_acc']:.3f}"
-    n, cert = scores.get("n"), scores.get("cert")
-    if isinstance(n, int) and isinstance(cert, int) and n > 0:
-        lo, hi = wilson_interval(cert, n)
-        text += f" (95% {lo:.3f}-{hi:.3f}, n={n})"
-    return text + f", nat {scores['nat_acc']:.3f}, pgd {scores['pgd_acc']:.3f}"
-
-
-def last_scores(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
-    """The validation scores of the last stage the trial finished (user attr ``stage<k>_val``)."""
-    stages = sorted(int(k[len("stage"):-len("_val")]) for k in trial.user_attrs
-                    if k.startswith("stage") and k.endswith("_val") and k[5:-4].isdigit())
-    return trial.user_attrs[f"stage{stages[-1]}_val"] if stages else None
-
-
-def _duration(trial: optuna.trial.FrozenTrial) -> str:
-    if trial.datetime_start is None or trial.datetime_complete is None:
-        return "–"
-    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def log_trial_end(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Study callback: the trial's state, score and time in one line."""
-    scores = last_scores(trial)
-    if trial.state == optuna.trial.TrialState.FAIL:
-        what = trial.user_attrs.get("fail_reason") or "an error, see above"
-        log.info("trial %d finished: FAIL (%s) after %s", trial.number, what, _duration(trial))
-        return
-    where = ""
-    if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
-        where = f" after stage {max(trial.intermediate_values)}"
-    log.info("trial %d finished: %s%s, %s, in %s", trial.number, trial.state.name, where,
-             score_text(scores) if scores else "no score", _duration(trial))
-
-
-# Knobs of the short epoch line: (metric, label, format).
-_EPOCH_FIELDS = (("loss", "loss", ".3f"), ("nat_acc", "nat", ".3f"), ("adv_acc", "adv", ".3f"),
-                 ("kappa", "kappa", ".2f"), ("time_s", "", ".1f"))
-
-
-class _RunLogFilter(logging.Filter):
-    """For the tuning CLI's log handler: the trial number as prefix (``%(trial)s``), short epoch
-    lines, and no traceback for Optuna's "trial failed" record when the error is one that
-    :func:`main` reports in one line anyway (Ctrl-C: no record at all)."""
-
-    def __init__(self, quiet: tuple[type[BaseException], ...]) -> None:
-        super().__init__()
-        self.quiet = quiet
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.trial = f"trial {_RUN.trial}: " if _RUN.trial is not None else ""
-        if (record.name == "pipeline.train" and record.msg == "stage %d epoch %d: %s"
-                and isinstance(record.args, tuple) and len(record.args) == 3):
-            record.msg, record.args = "stage %d epoch %d: %s", (
-                record.args[0], record.args[1], _short_epoch(str(record.args[2])))
-        if record.name.startswith("optuna") and isinstance(record.msg, str) and \
-                record.msg.endswith("failed with value None."):
-            return False  # the line before it said why the trial failed
-        if record.name.startswith("optuna") and record.exc_info:
-            error = record.exc_info[1]
-            if isinstance(error, KeyboardInterrupt):
-                return False
-            if isinstance(error, self.quiet):
-                record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _short_epoch(text: str) -> str:
-    values: dict[str, float] = {}
-    for part in text.split(", "):
-        key, _, value = part.partition("=")
-        with contextlib.suppress(ValueError):
-            values[key] = float(value)
-    out = [f"{label} {values[key]:{spec}}" if label else f"{values[key]:{spec}} s"
-           for key, label, spec in _EPOCH_FIELDS if key in values]
-    return ", ".join(out) if out else text
-
-
-def setup_logging() -> None:
-    """INFO lines on stderr with the trial prefix; Optuna's records through the same handler.
-    Leaves logging alone when the root logger already has handlers (e.g. under pytest)."""
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.data import DataError
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    root = logging.getLogger()
-    if root.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(trial)s%(message)s",
-                                           datefmt="%H:%M:%S"))
-    handler.addFilter(_RunLogFilter((ConfigError, StorageError, CheckpointError, DataError,
-                                     LookupError, torch.OutOfMemoryError)))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    optuna.logging.disable_default_handler()
-    optuna.logging.enable_propagation()
 
 
 def requeue_interrupted(study: optuna.Study, number: int) -> int | None:
@@ -937,7 +589,7 @@ def print_summary(study: optuna.Study, study_file: StudyFile, storage_url: str,
                 notes.append(f"queued retry of {t.system_attrs['failed_trial']}")
             rows.append((str(t.number), t.state.name.lower(), _acc(scores.get("nat_acc")),
                          _acc(scores.get("pgd_acc")), _acc(scores.get("cert_acc")), interval,
-                         _duration(t) if t.datetime_complete else "–", ", ".join(notes)))
+                         duration_text(t) if t.datetime_complete else "–", ", ".join(notes)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -1101,8 +753,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run as ``python -m pipeline.tune`` this file is the module ``__main__``, while
-    # pipeline.launch imports it again as ``pipeline.tune``: two copies with two StorageError
-    # classes, and main() here would not catch the one launch raises. Run that module's main.
+    # pipeline.launch imports it again as ``pipeline.tune``: two copies of everything defined
+    # here (issue 15 met two StorageError classes). Run the one copy everything else uses.
     from pipeline.tune import main as _main
 
     sys.exit(_main())

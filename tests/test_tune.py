@@ -16,7 +16,8 @@ import optuna
 import pytest
 
 from pipeline.study import load_study_file
-from pipeline.tune import VAL_CERT, VAL_NAT, VAL_PGD, create_study, open_storage
+from pipeline.storage import open_storage
+from pipeline.tune import VAL_CERT, VAL_NAT, VAL_PGD, create_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

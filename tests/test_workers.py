@@ -136,7 +136,8 @@ def test_three_workers_sqlite_finish_exactly_n_trials(tmp_path: Path) -> None:
 ASK_SCRIPT = """
 import sys, time
 from pipeline.study import load_study_file
-from pipeline.tune import TrialCapReached, create_study, open_storage
+from pipeline.storage import TrialCapReached, open_storage
+from pipeline.tune import create_study
 from pathlib import Path
 url, name, cap, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 study_file = load_study_file(sys.argv[5], [f"study.name={name}", "study.sampler=random"])
@@ -190,7 +191,8 @@ def test_trial_cap_is_exact_under_concurrent_asks(tmp_path: Path, backend: str) 
 
 def test_cap_refuses_fresh_trials_but_not_queued_ones(tmp_path: Path) -> None:
     from pipeline.study import load_study_file
-    from pipeline.tune import TrialCapReached, create_study, open_storage
+    from pipeline.storage import TrialCapReached, open_storage
+    from pipeline.tune import create_study
 
     study_file = load_study_file(STUDY, ["study.name=capunit"])
     storage = open_storage(f"sqlite:///{tmp_path / 'x.db'}", study_file, heartbeat=False)
