@@ -26,3 +26,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def poll_process(ready, proc, what: str, timeout: float, output, interval: float = 0.05,
+                 name: str = "the process") -> None:
+    """Wait until ``ready()`` holds while the subprocess ``proc`` runs; fail (with the tail of
+    ``output()``) if it ends first, and kill it and fail after ``timeout`` s (a hang guard, not
+    a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"{name} ended before {what}:\n{output()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} after {timeout} s")
+        time.sleep(interval)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import poll_process
 import torch
 
 from pipeline.checkpoint import (
@@ -214,14 +215,7 @@ def lines_in(path: Path) -> int:
 
 def kill_when(proc: subprocess.Popen, ready, what: str, delay: float = 0.0,
               timeout: float = HANG_GUARD_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"launch ended before {what}:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timeout waiting for {what}")
-        time.sleep(0.01)
+    poll_process(ready, proc, what, timeout, proc.stdout.read, 0.01, "launch")
     time.sleep(delay)
     assert proc.poll() is None, f"launch already ended at {what}: nothing was interrupted"
     proc.send_signal(signal.SIGKILL)

@@ -10,11 +10,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import poll_process
 
 from pipeline.stats import wilson_interval
 
@@ -42,14 +42,7 @@ def states(db: Path) -> dict[int, str]:
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + WAIT_LIMIT_S
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"pipeline.tune ended before {what}:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} after {WAIT_LIMIT_S} s")
-        time.sleep(0.1)
+    poll_process(condition, proc, what, WAIT_LIMIT_S, proc.stdout.read, 0.1, "pipeline.tune")
 
 
 @pytest.mark.slow

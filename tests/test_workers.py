@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import poll_process
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "studies" / "quickstart.toml"
@@ -226,14 +227,7 @@ def stage0_saved(run_dir: Path) -> bool:
 
 def wait_until(ready, proc: subprocess.Popen, log: Path, what: str,
                timeout: float = PROCESS_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited before {what}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} in {timeout} s")
-        time.sleep(0.02)
+    poll_process(ready, proc, what, timeout, log.read_text, 0.02, "worker")
 
 
 @pytest.mark.slow
