@@ -54,10 +54,12 @@ def logged(objective: Any) -> Any:
         RUN_STATE.trial, RUN_STATE.interrupted = trial.number, None
         try:
             return objective(trial)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             RUN_STATE.interrupted = trial.number
+            # Ctrl-C (or kill -INT) has no argument; kill -TERM names its signal.
+            reason = f"stopped by {stop.args[0]}" if stop.args else INTERRUPTED_REASON
             with contextlib.suppress(Exception):  # a second Ctrl-C or a lost connection
-                trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
+                trial.set_user_attr("fail_reason", reason)
             raise
         finally:
             RUN_STATE.trial = None

@@ -14,9 +14,9 @@ resumes from the dead trial's last checkpoint.
 
 The log has one line when a trial starts (number, knobs), a short one per epoch, one per stage
 score (validation certified accuracy with its Wilson 95% interval) and one when the trial ends;
-the run ends with a table of the trials. Ctrl-C marks the running trial FAIL (user attribute
-``fail_reason``), queues it again, prints the study so far and the command that resumes it, and
-exits with 130. Bad input (study file, storage URL, a missing data set) is one ``error:`` line
+the run ends with a table of the trials. Ctrl-C (or ``kill -INT`` / ``kill -TERM``, also of a
+background run) marks the running trial FAIL (user attribute ``fail_reason``), queues it again,
+prints the study so far and the command that resumes it, and exits with 130. Bad input (study file, storage URL, a missing data set) is one ``error:`` line
 and exit 2, found before anything is written.
 """
 
@@ -682,6 +682,19 @@ def _redacted_args(argv: list[str]) -> list[str]:
     return out
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C, ``kill -INT`` and ``kill -TERM`` (a batch scheduler's stop) end the run the same
+    clean way: the running trial is marked FAIL, queued again, and the command that resumes it
+    is printed. A shell starts ``&`` jobs with SIGINT ignored, and Python then installs no
+    handler of its own: it is installed here in any case."""
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -702,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --launch-best: train with seeds train.seed+0..K-1 (default 1)")
     args = parser.parse_args(argv)
     setup_logging()
+    stop_on_signals()
     import warnings
 
     # Heartbeat and retry are "experimental" in Optuna; the tool relies on them on purpose.

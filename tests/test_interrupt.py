@@ -101,6 +101,32 @@ def test_ctrl_c_marks_the_trial_failed_and_says_how_to_resume(tmp_path: Path) ->
     assert Path(trials[1].user_attrs["run_dir"]).name == "trial_0"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3 * WAIT_LIMIT_S)
+@pytest.mark.parametrize("sig,reason", [(signal.SIGINT, "interrupted by the user (Ctrl-C)"),
+                                        (signal.SIGTERM, "stopped by SIGTERM")])
+def test_background_run_stops_cleanly_on_int_and_term(tmp_path: Path, sig, reason) -> None:
+    """Started as a shell's ``&`` job (SIGINT ignored) and stopped by ``kill -INT`` or by a
+    scheduler's ``kill -TERM``: the trial is marked FAIL with the reason and queued again."""
+    db = tmp_path / "optuna.db"
+    url = f"sqlite:///{db}"
+    args = ["--study", str(STUDY), "--storage", url, "--runs-dir", str(tmp_path / "runs"),
+            "--n-trials", "1", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *args], cwd=tmp_path,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    last = tmp_path / "runs" / "ctrl_c" / "trial_0" / "last.pt"
+    wait_for(lambda: states(db).get(0) == "RUNNING" and last.exists(), proc, "running trial")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=WAIT_LIMIT_S)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err
+    first, retry = optuna.load_study(study_name="ctrl_c", storage=url).get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.user_attrs["fail_reason"] == reason
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == first.params
+
+
 def test_summary_when_no_trial_meets_the_floor(capsys: pytest.CaptureFixture) -> None:
     from pipeline.study import load_study_file
     from pipeline.tune import VAL_CERT, VAL_NAT, print_summary
