@@ -233,6 +233,14 @@ def _trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str
     if isinstance(stage_times, (list, tuple)):
         for k, t in enumerate(stage_times):
             attrs[f"stage{k}_time_s"] = _finite(t)
+    score_times = trial.user_attrs.get("score_time_s")
+    if isinstance(stage_times, (list, tuple)) and isinstance(score_times, (list, tuple)) \
+            and stage_times and len(score_times) == len(stage_times):
+        # Training and validation-scoring wall time over the stages, and scoring's share.
+        train_s, score_s = float(sum(stage_times)), float(sum(score_times))
+        attrs["train_time_s"], attrs["score_time_s"] = train_s, score_s
+        attrs["score_share"] = score_s / (train_s + score_s) if train_s + score_s > 0 \
+            else math.nan
     row.update(attrs)
     row["datetime_start"] = trial.datetime_start
     row["datetime_complete"] = trial.datetime_complete
@@ -285,7 +293,9 @@ def load_trials(storage: str | optuna.storages.BaseStorage,
     (single objective) or ``values_0``, ``values_1``, ... (multi-objective), the parameters under
     their own names, ``val_nat_acc``/``val_pgd_acc``/``val_cert_acc``, ``stage<k>_cert`` (the
     intermediate value reported at step k), ``stage<k>_time_s`` (from the ``stage_time_s``
-    list), ``datetime_start``, ``datetime_complete``, ``duration_s``, ``published`` (bool),
+    list), ``train_time_s``, ``score_time_s`` and ``score_share`` (validation scoring's share of
+    the two, for trials that recorded ``score_time_s``), ``datetime_start``,
+    ``datetime_complete``, ``duration_s``, ``published`` (bool),
     ``fail_reason``, then every other user attribute: nested dicts flattened to ``a.b`` columns
     (``env.device``, ``stage0_val.cert_acc``), lists as JSON text.
 

@@ -306,6 +306,15 @@ def study_section(data: StudyData) -> list[str]:
     lines.append("")
     lines += _table(["state", "trials"], [[s.lower(), int(n)] for s, n in counts.items()])
     lines.append("")
+    if "score_share" in t.columns and t["score_share"].notna().any():
+        timed = t[t["score_share"].notna()]
+        share = timed["score_share"].astype(float)
+        lines.append(f"Validation scoring took {_pct(share.median())}% of a trial's training and "
+                     f"scoring time (median over {len(timed)} trials, range "
+                     f"{_pct(share.min())}-{_pct(share.max())}%; complete trials: "
+                     + (f"{_pct(timed.loc[timed['state'] == 'COMPLETE', 'score_share'].median())}%"
+                        if (timed["state"] == "COMPLETE").any() else "none") + ").")
+        lines.append("")
 
     lines.append("### Best trial")
     lines.append("")

@@ -653,6 +653,7 @@ def test_pareto_objective_study(tmp_path: Path) -> None:
         trial.set_user_attr("val_nat_acc", nat)
         trial.set_user_attr("val_cert_acc", cert)
         trial.set_user_attr("stage_time_s", [1.0, 2.0])
+        trial.set_user_attr("score_time_s", [0.5, 0.5 + k])  # scoring after each stage
         if k == 4:
             trial.set_user_attr("fail_reason", "diverged: loss is nan")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -663,6 +664,8 @@ def test_pareto_objective_study(tmp_path: Path) -> None:
     assert df["values_0"].tolist()[:4] == [p[0] for p in points[:4]]
     assert df["values_1"].tolist()[:4] == [p[1] for p in points[:4]]
     assert df["state"].tolist()[-1] == "FAIL" and df["fail_reason"].iloc[-1].startswith("diverged")
+    # Scoring's share of training + scoring: (0.5 + 0.5 + k) / (3 + 1 + k).
+    np.testing.assert_allclose(df["score_share"], [(1 + k) / (4 + k) for k in range(5)])
     fig = figures.pareto_front(df)
     front = labelled(fig.axes[0], "Pareto front", "lines").get_xydata()
     np.testing.assert_allclose(front, [[60, 60], [80, 50], [90, 30]])
@@ -672,6 +675,10 @@ def test_pareto_objective_study(tmp_path: Path) -> None:
     assert "Best trial: **#2**" in text
     assert "diverged: loss is nan" in text
     assert "gone.jsonl` not found" in text
+    # (1 + k) / (4 + k): median over the 5 trials at k = 2 (3/6); over the complete trials
+    # (k = 0..3) between 2/5 and 3/6.
+    assert "Validation scoring took 50.0% of a trial's training and scoring time (median over 5 " \
+           "trials, range 25.0-62.5%; complete trials: 45.0%)." in text
     assert render(data, None, []).startswith("# COLT tuning report")
 
 
