@@ -161,7 +161,7 @@ class ZonotopeRounding:
     ``magnitude`` bounds its S = |c| + Σ_g |g|. No pass over the generators is needed:
 
     * the box: its float32 centre and radii round by u each, so the radius starts at
-      2u max(|l|, |u|) and S at max(|l|, |u|) (1 + 4u);
+      3u max(|l|, |u|) (2u and room for the u² terms) and S at max(|l|, |u|) (1 + 4u);
     * an affine block maps the widened zonotope into W(c, G) ± |W| r; computing W c + b and
       every W g rounds by at most γ_n (|W| S + |b|) in all (summed over the generators), so the
       radius becomes the layer's own rule ``fp_error(r, S, u)`` (plus the underflow of every
@@ -183,7 +183,7 @@ class ZonotopeRounding:
                  precision: torch.dtype = torch.float32) -> None:
         self.u = UNIT_ROUNDOFF[precision]
         edge = torch.maximum(lower.double().abs(), upper.double().abs())
-        self.radius = 2 * self.u * edge + underflow(self.u)
+        self.radius = 3 * self.u * edge + underflow(self.u)  # 2u, and room for u^2 terms
         self.magnitude = edge * (1 + 4 * self.u) + underflow(self.u)
         self.widen: dict[int, Tensor] = {}
 
