@@ -310,7 +310,7 @@ def study_section(data: StudyData) -> list[str]:
         timed = t[t["score_share"].notna()]
         share = timed["score_share"].astype(float)
         lines.append(f"Validation scoring took {_pct(share.median())}% of a trial's training and "
-                     f"scoring time (median over {len(timed)} trials, range "
+                     f"scoring time (median over {len(timed)} trial{'s' if len(timed) != 1 else ''}, range "
                      f"{_pct(share.min())}-{_pct(share.max())}%; complete trials: "
                      + (f"{_pct(timed.loc[timed['state'] == 'COMPLETE', 'score_share'].median())}%"
                         if (timed["state"] == "COMPLETE").any() else "none") + ").")
