@@ -99,6 +99,19 @@ def test_guards_min_images_other_split_and_published():
     assert not t.should_prune()
 
 
+def test_reference_is_the_weakest_published_seed():
+    """Seed repeats of the published point: a trial is pruned only when significantly worse
+    than the weakest seed (seeds differ by more than the image noise)."""
+    study = _study(PairedPruner(alpha=0.05, min_images=10))
+    _add_reference(study, [True] * 150 + [False] * 50)   # the lucky seed
+    _add_reference(study, [True] * 120 + [False] * 80)   # the weaker seed
+    t = _candidate(study, [True] * 118 + [False] * 82)
+    ref = reference_trial(study, study._storage.get_trial(t._trial_id), 0)
+    assert ref.number == 1
+    assert not t.should_prune()  # within noise of the weaker seed, far below the lucky one
+    assert _candidate(study, [True] * 60 + [False] * 140).should_prune()
+
+
 def test_reference_is_best_feasible_complete_without_published():
     study = _study(PairedPruner())
     _add_reference(study, [True] * 50 + [False] * 150, published=False)
