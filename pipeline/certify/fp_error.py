@@ -218,9 +218,6 @@ class ZonotopeRounding:
         self.magnitude = (_abs_affine(block, mag) + block.fp_error(torch.zeros_like(mag), mag, u)
                           + (k + 1) * n_in * underflow(u)) * (1 + 2.0 ** -40)
 
-    def finish(self, element: Any) -> None:
-        """Nothing to add: ``magnitude`` already bounds the final zonotope's entries."""
-
     def widened(self, pre_bounds: dict[int, tuple[Tensor, Tensor]]
                 ) -> dict[int, tuple[Tensor, Tensor]]:
         """The computed ReLU bounds (cast to float64) widened into valid ones."""

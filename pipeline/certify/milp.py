@@ -288,8 +288,6 @@ def run_zonotope(net: Net, lower: Tensor, upper: Tensor, *, end: int | None = No
                 element = compression.decompress(element, i)
         i += 1
     run.element = element
-    if rounding is not None:
-        rounding.finish(element)
     return run
 
 
